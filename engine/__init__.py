@@ -1,0 +1,1 @@
+"""cbs: combinatorial OBS pruning (the Combinatorial Brain Surgeon) backed by optimization solvers."""

@@ -1,0 +1,68 @@
+"""Blocks: how the prunable weights are split into independent combinatorial problems (DESIGN.md §1).
+
+A block is a list of segments (parameter name, start, stop) of the flattened parameters. Modes:
+
+- ``"layer"``: one block per prunable parameter tensor;
+- ``"whole"``: every prunable weight in one block (the CBS paper's setting for MLPNet);
+- ``"chunk"``: consecutive chunks of ``block_size`` weights of each flattened parameter (the last chunk of
+  a parameter may be shorter); chunks never straddle two parameters;
+- ``"row"``: one block per output row (output unit / filter) of each parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import invalid_option
+
+__all__ = ["Block", "make_blocks", "BLOCK_MODES"]
+
+BLOCK_MODES = ("layer", "whole", "chunk", "row")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of weights: ``segments`` = ((parameter name, start, stop), ...) in flattened order."""
+
+    label: str
+    segments: tuple[tuple[str, int, int], ...]
+
+    @property
+    def n(self) -> int:
+        """Number of weights in the block."""
+        return sum(stop - start for _, start, stop in self.segments)
+
+    def gather_values(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This block's weights (n,) from parameter tensors of any shape (flattened, then sliced)."""
+        return torch.cat([tensors[name].reshape(-1)[start:stop] for name, start, stop in self.segments])
+
+    def gather_columns(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This block's columns (N, n) from per-parameter gradient rows (N, numel)."""
+        return torch.cat([rows[name][:, start:stop] for name, start, stop in self.segments], dim=1)
+
+
+def make_blocks(names: list[str], shapes: list[torch.Size], mode: str = "layer", block_size: int | None = None) -> list[Block]:
+    """Split parameters ``names`` (with ``shapes``) into blocks; see the module docstring for ``mode``."""
+    if mode not in BLOCK_MODES:
+        raise invalid_option("block_mode", "make_blocks()", f"one of {', '.join(BLOCK_MODES)}", repr(mode))
+    if mode == "chunk":
+        if block_size is None or isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise invalid_option("block_size", "make_blocks()", "an integer >= 1 with mode 'chunk'", repr(block_size))
+    sizes = [math.prod(s) for s in shapes]
+    if mode == "whole":
+        return [Block("all", tuple((n, 0, size) for n, size in zip(names, sizes)))]
+    blocks = []
+    for name, shape, size in zip(names, shapes, sizes):
+        if mode == "layer":
+            blocks.append(Block(name, ((name, 0, size),)))
+        elif mode == "row":
+            row = size // shape[0] if len(shape) > 1 else size
+            for r in range(0, size, row):
+                blocks.append(Block(f"{name}[{r // row}]", ((name, r, r + row),)))
+        else:
+            for c, s in enumerate(range(0, size, block_size)):
+                blocks.append(Block(f"{name}#{c}", ((name, s, min(size, s + block_size)),)))
+    return blocks

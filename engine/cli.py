@@ -1,0 +1,220 @@
+"""The ``cbs`` command line.
+
+    cbs demo      train a small MLP on the bundled digits, prune it with every method, table + plot
+    cbs prune     one-shot pruning of MLPNet / ResNet20 from the shared checkpoints, writes record.json
+    cbs solvers   the solvers known here: exact?, bound?, available?, what to install
+
+Every bad argument gets one message and exit code 2 before any work starts; other failures exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import CBSError, InvalidOptionError
+
+__all__ = ["main", "build_parser"]
+
+
+# ----------------------------------------------------------------------------- argument types
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False, what: str = ""):
+    """An argparse type that checks a range and says which range was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}. Got {text!r}.") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {what}. Got {text!r}.")
+        bad = (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)
+        )
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {what}. Got {text}.")
+        return value
+
+    return parse
+
+
+SPARSITY = _number(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
+POSITIVE_INT = _number(int, 1, what="an integer >= 1")
+NONNEG_INT = _number(int, 0, what="an integer >= 0")
+POSITIVE = _number(float, 0.0, low_open=True, what="a number > 0")
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"must be an existing file. Got {text!r} (not found).")
+    return path
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be an existing folder. Got {text!r} (not found).")
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the argument named in range errors ("argument --sparsity: must be ...")."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (also used by the docs)."""
+    from .blocks import BLOCK_MODES
+    from .models import MODEL_NAMES
+    from .pruner import ALLOCATIONS
+    from .solvers.registry import solver_names
+
+    parser = _Parser(prog="cbs", description="Combinatorial OBS pruning (Combinatorial Brain Surgeon) backed by solvers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="prune a small MLP trained on the bundled digits with every method (no download)")
+    demo.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for the table, record and plot")
+    demo.add_argument("--sparsities", type=SPARSITY, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    demo.add_argument("--methods", nargs="+", default=None, help="methods (default: every built-in heuristic)")
+    demo.add_argument("--seed", type=NONNEG_INT, default=0)
+    demo.add_argument("--epochs", type=POSITIVE_INT, default=200, help="full-batch training epochs of the small MLP")
+
+    pr = sub.add_parser("prune", help="one-shot pruning of a zoo model from a checkpoint")
+    pr.add_argument("--model", required=True, choices=MODEL_NAMES)
+    pr.add_argument("--checkpoint", type=_existing_file, default=None,
+                    help="checkpoint file (default: the shared one inside --data-dir)")
+    pr.add_argument("--data-dir", type=_existing_dir, default=None,
+                    help="folder laid out like ../shared/data (mnist/, cifar10/, weights/); default ../shared/data")
+    pr.add_argument("--sparsity", type=SPARSITY, required=True, help="fraction of prunable weights removed, in [0, 1)")
+    pr.add_argument("--method", default="cbs", help=f"selection method: {', '.join(solver_names())}")
+    upd = pr.add_mutually_exclusive_group()
+    upd.add_argument("--update", dest="update", action="store_true", default=None,
+                     help="apply the CBS-U update after selection (default for every method but magnitude)")
+    upd.add_argument("--no-update", dest="update", action="store_false", help="only mask, no weight update")
+    pr.add_argument("--fisher-samples", type=POSITIVE_INT, default=1000, help="N, gradient rows of the Fisher")
+    pr.add_argument("--fisher-batch", type=POSITIVE_INT, default=1, help="samples averaged per gradient row")
+    pr.add_argument("--damping", type=POSITIVE, default=1e-3, help="λ > 0 added to the Fisher")
+    pr.add_argument("--relative-damping", action="store_true", help="λ = damping · mean(diag F)")
+    pr.add_argument("--block-mode", choices=BLOCK_MODES, default=None,
+                    help="layer, whole, chunk or row (default: chunk when --block-size is given, else layer)")
+    pr.add_argument("--block-size", type=POSITIVE_INT, default=None, help="weights per block with --block-mode chunk")
+    pr.add_argument("--allocation", choices=ALLOCATIONS, default="magnitude", help="budget across blocks")
+    pr.add_argument("--preset", default="default",
+                    help="prunable set: default (all conv/linear weights), cbs or chita (ResNet20)")
+    pr.add_argument("--bn-reestimate", action="store_true", help="re-estimate BatchNorm statistics after pruning")
+    pr.add_argument("--time-limit", type=POSITIVE, default=None, help="per-block solver time limit (s)")
+    pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="solver parameter (repeatable), e.g. --param rmp_trials=10")
+    pr.add_argument("--seed", type=NONNEG_INT, default=0)
+    pr.add_argument("--out", type=Path, required=True, help="folder for record.json")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sv = sub.add_parser("solvers", help="list the solvers: exact?, bound?, available?, what to install")
+    sv.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _solver_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise InvalidOptionError(f"The '--param' argument of cbs prune must look like KEY=VALUE. Got {item!r}.")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PruneJob, run_prune
+    from .pruner import PruneConfig
+    from .solvers.registry import get_solver
+
+    mode = args.block_mode or ("chunk" if args.block_size else "layer")
+    config = PruneConfig(
+        sparsity=args.sparsity, method=args.method, update=args.update, fisher_samples=args.fisher_samples,
+        fisher_batch=args.fisher_batch, damping=args.damping, relative_damping=args.relative_damping,
+        block_mode=mode, block_size=args.block_size, allocation=args.allocation, seed=args.seed,
+        time_limit=args.time_limit, solver_params=_solver_params(args.param), progress=not args.no_progress and None,
+    )
+    solver = get_solver(config.method, **config.solver_params)  # unknown method / bad parameter: exit 2 now
+    if hasattr(solver, "ensure_available"):
+        solver.ensure_available()
+    job = PruneJob(model=args.model, config=config, data_dir=args.data_dir, checkpoint=args.checkpoint,
+                   preset=args.preset, bn_reestimate=args.bn_reestimate, out=args.out)
+    from .models import load_model, prunable_parameters
+
+    prunable_parameters(load_model(job.model, job.checkpoint), job.preset)  # checkpoint / preset mismatch: exit 2
+    try:
+        record = run_prune(job)
+    except CBSError as exc:
+        # past validation, a failure is not the user's input: exit 1, but keep the one-line message
+        sys.stderr.write(f"cbs prune: error: {exc}\n")
+        return 1
+    gaps = [b["gap"] for b in record["blocks"] if b["gap"] is not None]
+    lines = [
+        f"model {record['model']}  method {record['method']}{' + update' if record['update'] else ''}  "
+        f"sparsity {record['sparsity']:.4g} (achieved {record['achieved_sparsity']:.4f})",
+        f"accuracy {record['dense_accuracy']:.2f} % -> {record['accuracy']:.2f} %   test loss "
+        f"{record['dense_test_loss']:.4f} -> {record['test_loss']:.4f}",
+        f"fisher {record['fisher_seconds']:.1f} s  prune {record['prune_seconds']:.1f} s  "
+        f"peak memory {record['peak_memory_mb']:.0f} MiB  blocks {len(record['blocks'])}"
+        + (f"  max certified gap {100 * max(gaps):.3g} %" if gaps else ""),
+        f"record: {Path(args.out) / 'record.json'}",
+    ]
+    if "accuracy_no_bn_reestimate" in record:
+        lines.insert(2, f"accuracy without BatchNorm re-estimation {record['accuracy_no_bn_reestimate']:.2f} %")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_solvers(args: argparse.Namespace) -> int:
+    from .solvers.registry import solver_info
+
+    rows = solver_info()
+    if args.json:
+        sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+        return 0
+    header = f"{'name':<14}{'exact':<7}{'bound':<7}{'available':<11}install / description"
+    out = [header, "-" * len(header)]
+    for r in rows:
+        tail = r.install or r.error or r.description
+        out.append(f"{r.name:<14}{'yes' if r.exact else 'no':<7}{'yes' if r.reports_bound else 'no':<7}"
+                   f"{'yes' if r.available else 'no':<11}{tail}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    table, paths = run_demo(out=args.out, sparsities=args.sparsities, methods=args.methods, seed=args.seed,
+                            epochs=args.epochs)
+    sys.stdout.write(table + "\n" + "\n".join(f"wrote {p}" for p in paths) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cbs`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on a bad argument
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except CBSError as exc:
+        sys.stderr.write(f"cbs {args.command}: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

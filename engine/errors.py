@@ -1,0 +1,58 @@
+"""One exception hierarchy for the whole package (DESIGN.md §4).
+
+Every error the package raises on purpose derives from :class:`CBSError`, and also from the
+builtin a caller would naturally catch (``ValueError`` for bad input, ``ImportError`` for a
+missing optional solver, ...). Messages are written in one voice, naming the argument, the
+allowed range and the value given, e.g.::
+
+    The 'sparsity' argument of prune() must be in [0, 1). Got 1.5.
+
+``CBSError`` and ``InvalidProblemError`` live in ``formulations.errors`` (the lowest layer raises
+them too) and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from formulations.errors import CBSError, InvalidProblemError, invalid_argument
+
+__all__ = [
+    "CBSError",
+    "InvalidProblemError",
+    "InvalidOptionError",
+    "DataNotFoundError",
+    "CheckpointError",
+    "SolverUnavailableError",
+    "SolverError",
+    "invalid_option",
+]
+
+
+class InvalidOptionError(CBSError, ValueError):
+    """An argument or option is outside its allowed range or set."""
+
+
+class DataNotFoundError(CBSError, FileNotFoundError):
+    """A data set, checkpoint or problem file that was asked for does not exist."""
+
+
+class CheckpointError(CBSError, ValueError):
+    """A checkpoint file exists but does not match the model it is loaded into."""
+
+
+class SolverUnavailableError(CBSError, ImportError):
+    """A solver needs an optional package that is not installed; the message names the extra."""
+
+
+class SolverError(CBSError, RuntimeError):
+    """A solver returned an answer that fails the engine's checks (DESIGN.md §3)."""
+
+
+def invalid_option(argument: str, where: str, allowed: str, got: Any) -> InvalidOptionError:
+    """The standard rejection of a bad argument.
+
+    >>> str(invalid_option("sparsity", "prune()", "in [0, 1)", 1.5))
+    "The 'sparsity' argument of prune() must be in [0, 1). Got 1.5."
+    """
+    return invalid_argument(InvalidOptionError, argument, where, allowed, got)  # type: ignore[return-value]

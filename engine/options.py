@@ -1,0 +1,43 @@
+"""Options shared by every solver. Solver-specific parameters go to the solver's constructor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import invalid_option
+
+__all__ = ["SolveOptions"]
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """Generic solve options.
+
+    Attributes
+    ----------
+    time_limit : seconds, or None for no limit. A solver that hits it returns its incumbent with
+        ``Termination.TIME_LIMIT`` (never raises).
+    seed : seed of every random choice a solver makes.
+    progress : show a progress bar for long solves.
+    evaluate : optional model-level score of a support (lower is better), ``evaluate(support) -> float``,
+        e.g. the training loss of the network with this block's mask applied. Solvers that use it
+        (``cbs``: choice among randomized masks and passes) fall back to the quadratic model when None.
+    certify : compute the free dual certificate (DESIGN.md §1) for every heuristic answer.
+    """
+
+    time_limit: float | None = None
+    seed: int = 0
+    progress: bool = False
+    evaluate: Callable[[np.ndarray], float] | None = None
+    certify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.time_limit is not None and not (
+            isinstance(self.time_limit, (int, float)) and np.isfinite(self.time_limit) and self.time_limit > 0
+        ):
+            raise invalid_option("time_limit", "SolveOptions", "None or a finite number > 0", repr(self.time_limit))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise invalid_option("seed", "SolveOptions", "an integer >= 0", repr(self.seed))

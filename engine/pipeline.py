@@ -1,0 +1,125 @@
+"""End-to-end runs on the model zoo: load, measure, prune, measure again, record.
+
+Used by ``cbs prune`` and by the scripts; everything here is also reachable piece by piece through
+:mod:`engine.pruner`, :mod:`engine.models`, :mod:`engine.data` and :mod:`engine.evaluate`.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import dataset_for_model, default_data_dir
+from .errors import DataNotFoundError, invalid_option
+from .evaluate import evaluate, reestimate_batchnorm
+from .models import MODEL_NAMES, load_model, prunable_parameters
+from .pruner import PruneConfig, prune
+from .records import environment, write_json_atomic
+
+__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb"]
+
+#: checkpoint file of each model, relative to the data folder (laid out like ../shared/data)
+CHECKPOINTS = {
+    "mlpnet": "weights/woodfisher_mlpnet_mnist_25_epoch_93.97.ckpt",
+    "resnet20": "weights/woodfisher_resnet20_cifar10.pth.tar",
+}
+
+
+def default_checkpoint(model: str, data_dir: str | Path) -> Path:
+    """The shared checkpoint of ``model`` inside ``data_dir``."""
+    return Path(data_dir) / CHECKPOINTS[model]
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class PruneJob:
+    """A pruning run on a model of the zoo (validated on construction: nothing heavy happens before)."""
+
+    model: str
+    config: PruneConfig
+    data_dir: Path | None = None
+    checkpoint: Path | None = None
+    preset: str = "default"
+    bn_reestimate: bool = False
+    bn_samples: int = 10000
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise invalid_option("model", "PruneJob", f"one of {', '.join(MODEL_NAMES)}", repr(self.model))
+        self.data_dir = Path(self.data_dir) if self.data_dir is not None else default_data_dir()
+        if not self.data_dir.is_dir():
+            raise DataNotFoundError(
+                f"The data folder {self.data_dir} does not exist. Pass --data-dir (a folder laid out like ../shared/data, "
+                "with mnist/, cifar10/ and weights/ inside)."
+            )
+        self.checkpoint = Path(self.checkpoint) if self.checkpoint is not None else default_checkpoint(self.model, self.data_dir)
+        if not self.checkpoint.is_file():
+            raise DataNotFoundError(f"The checkpoint {self.checkpoint} does not exist. Pass --checkpoint PATH.")
+        if self.bn_samples < 1:
+            raise invalid_option("bn_samples", "PruneJob", "an integer >= 1", self.bn_samples)
+
+
+def run_prune(job: PruneJob) -> dict[str, Any]:
+    """Load the model and data, prune, evaluate before/after, write ``job.out/record.json``; return the record."""
+    started = time.time()
+    model = load_model(job.model, job.checkpoint)
+    names = [n for n, _ in prunable_parameters(model, job.preset)]
+    train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
+    test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")
+    dense_acc, dense_loss = evaluate(model, test_x, test_y)
+    report = prune(model, names, train_x, train_y, job.config)
+    acc, loss = evaluate(model, test_x, test_y)
+    record: dict[str, Any] = {
+        "model": job.model,
+        "checkpoint": str(job.checkpoint),
+        "data_dir": str(job.data_dir),
+        "preset": job.preset,
+        "method": job.config.method_name,
+        "update": job.config.applies_update,
+        "sparsity": job.config.sparsity,
+        "achieved_sparsity": report.achieved_sparsity,
+        "dense_accuracy": dense_acc,
+        "dense_test_loss": dense_loss,
+        "accuracy": acc,
+        "test_loss": loss,
+        "fisher_seconds": report.fisher_seconds,
+        "prune_seconds": report.prune_seconds,
+        "select_seconds": report.select_seconds,
+        "update_seconds": report.update_seconds,
+        "seed": job.config.seed,
+        "settings": job.config.to_dict(),
+    }
+    if job.bn_reestimate:
+        gen = torch.Generator().manual_seed(job.config.seed)
+        idx = torch.randperm(train_x.shape[0], generator=gen)[: job.bn_samples]
+        reestimate_batchnorm(model, train_x[idx])
+        record["accuracy_no_bn_reestimate"] = acc
+        record["test_loss_no_bn_reestimate"] = loss
+        record["accuracy"], record["test_loss"] = evaluate(model, test_x, test_y)
+        record["bn_reestimate_samples"] = int(idx.numel())
+    record.update(
+        {
+            "n_total": report.n_total,
+            "n_keep": report.n_keep,
+            "objective_total": float(sum(b.objective for b in report.blocks)),
+            "blocks": [b.__dict__ for b in report.blocks],
+            "peak_memory_mb": peak_memory_mb(),
+            "total_seconds": time.time() - started,
+            "environment": environment(),
+            **job.extra,
+        }
+    )
+    if job.out is not None:
+        write_json_atomic(Path(job.out) / "record.json", record)
+    return record

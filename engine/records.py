@@ -1,0 +1,92 @@
+"""Reproducible records: JSON/JSONL written atomically, with package versions, seeds and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["environment", "write_json_atomic", "append_jsonl", "to_jsonable", "atomic_write_bytes"]
+
+_PACKAGES = ("cbs-prune", "torch", "numpy", "scipy", "highspy", "pyomo", "cvxpy", "pyscipopt", "gurobipy")
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform, thread count and installed versions of the packages that shape results."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - torch is a dependency, but a record must never fail for this
+        threads = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "versions": versions,
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, paths, enums and dataclass-like objects to JSON types."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and type(value).__module__ != "builtins" and isinstance(getattr(value, "value"), str):
+        return value.value
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write a JSON record atomically (readers never see a half-written file)."""
+    atomic_write_bytes(path, (json.dumps(to_jsonable(record), indent=2) + "\n").encode())
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line (a crash loses at most the line being written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(to_jsonable(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

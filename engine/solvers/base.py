@@ -1,0 +1,96 @@
+"""The solver contract (DESIGN.md §3).
+
+A solver selects a support of size ``k`` for a :class:`~formulations.problem.BlockProblem`::
+
+    class MySolver(SubsetSolver):
+        name = "mine"
+        capabilities = Capabilities(exact=False)
+
+        def solve(self, problem, options, warm_start=None) -> SolveResult: ...
+
+``warm_start`` is an optional boolean support (n,) of size k (exact solvers start from it and never
+return worse). The engine (:func:`engine.solve.solve_block`) re-scores every answer with
+``formulations.objective`` and checks it; solvers need not compute E(S) themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from formulations.problem import BlockProblem
+
+from ..errors import SolverUnavailableError
+from ..options import SolveOptions
+from ..result import SolveResult
+
+__all__ = ["Capabilities", "SubsetSolver", "top_k_support"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a solver can do.
+
+    exact : it can prove optimality (only such solvers may return ``Status.OPTIMAL``).
+    reports_bound : it returns its own lower bound.
+    max_size : the largest block size n it accepts (None: no limit).
+    warm_start : it uses a warm-start support.
+    requires : importable module names it needs.
+    extra : the pip extra that installs them (``pip install 'cbs-prune[EXTRA]'``).
+    description : one line for ``cbs solvers``.
+    """
+
+    exact: bool = False
+    reports_bound: bool = False
+    max_size: int | None = None
+    warm_start: bool = False
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+    description: str = ""
+
+    def missing_modules(self) -> list[str]:
+        """The required modules that cannot be imported here."""
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+
+class SubsetSolver(ABC):
+    """Base class of every solver. Subclasses set ``name`` and ``capabilities`` and implement ``solve``."""
+
+    name: str = "unnamed"
+    capabilities: Capabilities = Capabilities()
+
+    @abstractmethod
+    def solve(
+        self, problem: BlockProblem, options: SolveOptions, warm_start: np.ndarray | None = None
+    ) -> SolveResult:
+        """Select ``problem.n_keep`` weights. See the module docstring."""
+
+    def available(self) -> bool:
+        """True when every required module is importable."""
+        return not self.capabilities.missing_modules()
+
+    def ensure_available(self) -> None:
+        """Raise :class:`SolverUnavailableError` naming the extra when a required module is missing."""
+        missing = self.capabilities.missing_modules()
+        if missing:
+            extra = self.capabilities.extra
+            how = f"pip install 'cbs-prune[{extra}]'" if extra else f"pip install {' '.join(missing)}"
+            raise SolverUnavailableError(
+                f"Solver '{self.name}' needs {', '.join(missing)}, which is not installed. Install it with: {how}"
+            )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} '{self.name}'>"
+
+
+def top_k_support(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask (n,) keeping the k largest scores; ties broken by lower index (deterministic)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = np.zeros(scores.size, dtype=bool)
+    if k > 0:
+        # stable argsort on -scores: equal scores keep the lower index first
+        mask[np.argsort(-scores, kind="stable")[:k]] = True
+    return mask

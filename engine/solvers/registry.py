@@ -1,0 +1,146 @@
+"""Solver registry: built-ins, ``@register_solver``, and entry points in group ``cbs.solvers``.
+
+Built-in solvers are named here as ``"module:Class"`` strings and imported on first use, so
+``import engine`` never imports an optional solver package. A plug-in is added in one of three ways:
+
+1. pass an instance wherever a solver name is accepted (``prune(model, method=MySolver())``);
+2. decorate its class (or a zero-argument factory) with ``@register_solver("name")``;
+3. declare an entry point in group ``cbs.solvers`` (``name = "package.module:Class"``). A plug-in
+   that fails to load emits a warning and the others keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from ..errors import InvalidOptionError
+from .base import SubsetSolver
+
+__all__ = ["register_solver", "get_solver", "solver_names", "solver_info", "refresh", "PluginLoadWarning"]
+
+ENTRY_POINT_GROUP = "cbs.solvers"
+
+_BUILTIN: dict[str, str] = {
+    "magnitude": "engine.solvers.magnitude:MagnitudeSolver",
+    "woodfisher": "engine.solvers.woodfisher:WoodFisherSolver",
+    "greedy": "engine.solvers.greedy:GreedySolver",
+    "cbs": "engine.solvers.local_search:CBSSolver",
+    "iht": "engine.solvers.iht:IHTSolver",
+    "brute_force": "engine.solvers.brute_force:BruteForceSolver",
+}
+
+_registered: dict[str, Callable[..., SubsetSolver]] = {}
+_entry_points_loaded = False
+
+
+class PluginLoadWarning(UserWarning):
+    """A solver plug-in (entry point) could not be loaded; the other solvers still work."""
+
+
+def register_solver(name: str) -> Callable[[Any], Any]:
+    """Class decorator: make a solver available under ``name``.
+
+    >>> @register_solver("my_magnitude")            # doctest: +SKIP
+    ... class MyMagnitude(SubsetSolver): ...
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise InvalidOptionError(
+            f"The 'name' argument of register_solver() must be an identifier-like string. Got {name!r}."
+        )
+
+    def decorate(factory: Any) -> Any:
+        _registered[name] = factory
+        return factory
+
+    return decorate
+
+
+def refresh() -> None:
+    """(Re-)load entry points of group ``cbs.solvers``; failures warn and are skipped."""
+    global _entry_points_loaded
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            factory = ep.load()
+        except Exception as exc:  # a broken plug-in must not break the rest
+            warnings.warn(
+                f"Solver plug-in '{ep.name}' ({ep.value}) failed to load and is skipped: {type(exc).__name__}: {exc}",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
+            continue
+        _registered.setdefault(ep.name, factory)
+
+
+def _ensure_loaded() -> None:
+    if not _entry_points_loaded:
+        refresh()
+
+
+def solver_names() -> list[str]:
+    """Every known solver name: built-ins first, then registered plug-ins."""
+    _ensure_loaded()
+    return list(_BUILTIN) + sorted(n for n in _registered if n not in _BUILTIN)
+
+
+def _factory(name: str) -> Callable[..., SubsetSolver]:
+    _ensure_loaded()
+    if name in _registered:
+        return _registered[name]
+    if name in _BUILTIN:
+        module, _, cls = _BUILTIN[name].partition(":")
+        return getattr(importlib.import_module(module), cls)
+    raise InvalidOptionError(
+        f"The 'method' argument must be one of {', '.join(solver_names())}. Got {name!r}."
+    )
+
+
+def get_solver(solver: str | SubsetSolver, **params: Any) -> SubsetSolver:
+    """Return a solver instance from a name (with constructor ``params``) or pass an instance through."""
+    if isinstance(solver, SubsetSolver):
+        if params:
+            raise InvalidOptionError("Solver parameters can only be given with a solver name, not an instance.")
+        return solver
+    if not isinstance(solver, str):
+        if hasattr(solver, "solve") and hasattr(solver, "name"):
+            return solver  # duck-typed plug-in honouring the protocol
+        raise InvalidOptionError(
+            f"The 'method' argument must be a solver name or a SubsetSolver instance. Got {solver!r}."
+        )
+    instance = _factory(solver)(**params)
+    return instance
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """One row of ``cbs solvers``."""
+
+    name: str
+    exact: bool
+    reports_bound: bool
+    available: bool
+    install: str | None
+    description: str
+    error: str | None = None
+
+
+def solver_info() -> list[SolverInfo]:
+    """Capabilities and availability of every known solver."""
+    rows = []
+    for name in solver_names():
+        try:
+            inst = get_solver(name)
+        except Exception as exc:  # noqa: BLE001 - a broken solver is listed, not fatal
+            rows.append(SolverInfo(name, False, False, False, None, "", f"{type(exc).__name__}: {exc}"))
+            continue
+        cap = inst.capabilities
+        missing = cap.missing_modules()
+        install = None
+        if missing:
+            install = f"pip install 'cbs-prune[{cap.extra}]'" if cap.extra else "pip install " + " ".join(missing)
+        rows.append(SolverInfo(name, cap.exact, cap.reports_bound, not missing, install, cap.description))
+    return rows

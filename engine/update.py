@@ -1,0 +1,193 @@
+"""The CBS-U update in torch, batched over blocks (agrees with ``formulations.objective.optimal_update``).
+
+For each block (X (N, n), w (n,), λ, g, support S of size k) the kept weights solve
+
+    (X_SᵀX_S + λI) v_S = X_Sᵀ y + λ w_S − g_S,     y = X w,
+
+and E(S) = gᵀd + ½‖r‖² + (λ/2)‖d‖² with d = v − w, r = X d = X_S v_S − y.
+
+Blocks with k ≤ N are stacked into one batched Cholesky solve: each k_b×k_b system is padded to the
+group's largest k with an identity block and a zero right-hand side, which leaves the solution of the
+real part unchanged and gives zeros on the padding. A block with k > N is solved alone by Woodbury
+(an N×N Cholesky). Everything runs in float64; X may be stored in float32. A block whose Cholesky
+fails or is too ill-conditioned (same test as the numpy reference) is handed to the numpy reference,
+which falls back to an SVD solve and warns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import warnings
+
+import numpy as np
+import torch
+
+from formulations import objective as obj
+from formulations.problem import BlockProblem
+
+__all__ = ["UpdateResult", "batched_update", "DEFAULT_BATCH_BYTES"]
+
+#: memory allowed for one stacked batch of X_S (float64) in bytes
+DEFAULT_BATCH_BYTES = 512 * 2**20
+
+
+@dataclass
+class UpdateResult:
+    """Update of one block: ``weights`` v (n,) float64 with v_P = 0, ``objective`` E(S), ``residual`` r (N,)."""
+
+    weights: np.ndarray
+    objective: float
+    residual: np.ndarray
+    method: str
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a (read-only) problem array; we never write to it, so the warning is moot."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(a))
+
+
+def _target(X: torch.Tensor, w: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """y = X w in float64 without converting the whole X at once."""
+    y = torch.zeros(X.shape[0], dtype=torch.float64)
+    for s in range(0, X.shape[1], chunk):
+        y += X[:, s : s + chunk].to(torch.float64) @ w[s : s + chunk]
+    return y
+
+
+def _finish(problem: BlockProblem, idx: np.ndarray, vS: torch.Tensor, XS: torch.Tensor, y: torch.Tensor, method: str) -> UpdateResult:
+    v = np.zeros(problem.n)
+    v[idx] = vS.numpy()
+    r = (XS @ vS - y) if idx.size else -y
+    d = v - problem.weights
+    value = 0.5 * float(r @ r) + 0.5 * problem.damping * float(d @ d)
+    if problem.gradient is not None:
+        value += float(problem.gradient @ d)
+    return UpdateResult(v, value, r.numpy(), method)
+
+
+def _cholesky_ok(L: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    d = torch.diagonal(L, dim1=-2, dim2=-1).abs()
+    dmin = d.min(dim=-1).values
+    dmax = d.max(dim=-1).values
+    return (info == 0) & (dmin > 0) & ((dmax / dmin.clamp_min(1e-300)) ** 2 <= obj.COND_LIMIT)
+
+
+def _rhs(problem: BlockProblem, idx: np.ndarray, XS: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    w = _tensor(problem.weights)
+    b = XS.T @ y + problem.damping * w[idx]
+    if problem.gradient is not None:
+        b = b - _tensor(problem.gradient)[idx]
+    return b
+
+
+def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
+    X = _tensor(problem.factor_matrix())
+    w = _tensor(problem.weights)
+    y = _target(X, w)
+    if idx.size == 0:
+        return _finish(problem, idx, torch.zeros(0, dtype=torch.float64), X[:, :0].to(torch.float64), y, "trivial")
+    XS = X[:, torch.from_numpy(idx)].to(torch.float64)
+    b = _rhs(problem, idx, XS, y)
+    lam = problem.damping
+    N, k = XS.shape
+    if k <= N:
+        A = XS.T @ XS
+        A.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(A)
+        method = "cholesky"
+        if bool(_cholesky_ok(L, info)):
+            return _finish(problem, idx, torch.cholesky_solve(b[:, None], L)[:, 0], XS, y, method)
+    else:
+        M = XS @ XS.T
+        M.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(M)
+        method = "woodbury"
+        if bool(_cholesky_ok(L, info)):
+            t = torch.cholesky_solve((XS @ b)[:, None], L)[:, 0]
+            return _finish(problem, idx, (b - XS.T @ t) / lam, XS, y, method)
+    return _reference(problem, idx)
+
+
+def _reference(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
+    support = np.zeros(problem.n, dtype=bool)
+    support[idx] = True
+    sol = obj.optimal_update(problem, support)  # warns and uses the SVD solve
+    return UpdateResult(sol.weights, sol.objective, sol.residual, sol.method)
+
+
+def _batch(problems: list[BlockProblem], idxs: list[np.ndarray]) -> list[UpdateResult]:
+    """Padded batched Cholesky for blocks with the same N and k ≤ N."""
+    kmax = max(i.size for i in idxs)
+    B, N = len(problems), problems[0].n_samples
+    XS = torch.zeros((B, N, kmax), dtype=torch.float64)
+    rhs = torch.zeros((B, kmax), dtype=torch.float64)
+    lam = torch.empty(B, dtype=torch.float64)
+    ys = []
+    for b, (p, idx) in enumerate(zip(problems, idxs)):
+        X = _tensor(p.factor_matrix())
+        y = _target(X, _tensor(p.weights))
+        ys.append(y)
+        xs = X[:, torch.from_numpy(idx)].to(torch.float64)
+        XS[b, :, : idx.size] = xs
+        rhs[b, : idx.size] = _rhs(p, idx, xs, y)
+        lam[b] = p.damping
+    A = XS.transpose(1, 2) @ XS
+    A.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    pad = torch.arange(kmax)[None, :] >= torch.tensor([i.size for i in idxs])[:, None]
+    # padded coordinates: A = I there (X columns are zero, so A = λ; make it 1 for a clean factor)
+    A.diagonal(dim1=1, dim2=2)[pad] = 1.0
+    L, info = torch.linalg.cholesky_ex(A)
+    ok = _cholesky_ok(L, info)
+    sol = torch.cholesky_solve(rhs[..., None], L)[..., 0]
+    out = []
+    for b, (p, idx) in enumerate(zip(problems, idxs)):
+        if bool(ok[b]):
+            k = idx.size
+            out.append(_finish(p, idx, sol[b, :k].clone(), XS[b, :, :k], ys[b], "cholesky"))
+        else:
+            out.append(_reference(p, idx))
+    return out
+
+
+def batched_update(
+    problems: list[BlockProblem], supports: list[np.ndarray], max_batch_bytes: int = DEFAULT_BATCH_BYTES
+) -> list[UpdateResult]:
+    """The CBS-U update of every block, in the order given.
+
+    Parameters
+    ----------
+    problems : blocks (factor form or dense fisher).
+    supports : boolean masks (n_b,) or kept indices, one per block (any size ≤ n_b).
+    max_batch_bytes : memory allowed for one stacked batch of X_S in float64.
+    """
+    if len(problems) != len(supports):
+        raise ValueError(
+            f"The 'supports' argument of batched_update() must have one entry per problem ({len(problems)}). "
+            f"Got {len(supports)}."
+        )
+    idxs = [np.flatnonzero(obj.as_support(p, s, check_size=False)) for p, s in zip(problems, supports)]
+    results: list[UpdateResult | None] = [None] * len(problems)
+    # group the small systems (k ≤ N) by N so they can be stacked
+    groups: dict[int, list[int]] = {}
+    for i, (p, idx) in enumerate(zip(problems, idxs)):
+        if 0 < idx.size <= p.n_samples and p.n_samples * idx.size * 8 <= max_batch_bytes // 4:
+            groups.setdefault(p.n_samples, []).append(i)
+        else:
+            results[i] = _single(p, idx)
+    for N, members in groups.items():
+        members.sort(key=lambda i: idxs[i].size)  # similar k together: less padding
+        batch: list[int] = []
+        for i in members + [-1]:
+            if i >= 0:
+                kmax = max([idxs[j].size for j in batch] + [idxs[i].size])
+                if not batch or (len(batch) + 1) * N * kmax * 8 <= max_batch_bytes:
+                    batch.append(i)
+                    continue
+            if batch:
+                for j, r in zip(batch, _batch([problems[j] for j in batch], [idxs[j] for j in batch])):
+                    results[j] = r
+            batch = [i] if i >= 0 else []
+    return results  # type: ignore[return-value]

@@ -1,0 +1,266 @@
+"""The one source of truth for the objective (DESIGN.md §1): E(S), the optimal update, the dual bound.
+
+Notation (float64 throughout): ``w`` (n,), ``X`` (N, n), ``y = Xw``, ``λ > 0``, optional ``g`` (n,),
+``H = XᵀX + λI``. A *support* is a boolean mask of shape (n,), True = kept (S); P = the rest.
+
+**Quadratic model**  q(v) = gᵀ(v − w) + ½‖X(v − w)‖² + (λ/2)‖v − w‖².
+
+**Optimal update** (the CBS-U update). With v_P = 0 fixed, the kept weights solve
+
+    (X_SᵀX_S + λI) v_S = X_Sᵀ y + λ w_S − g_S,
+
+i.e. the least-squares problem  min ‖[X_S; √λ I] v_S − [y; √λ (w_S − g_S/λ)]‖²  (the *augmented
+system*). We solve it by Cholesky on the k×k system when k ≤ N, and by Woodbury
+
+    (λI + X_SᵀX_S)⁻¹ = (1/λ) [I − X_Sᵀ (λI_N + X_S X_Sᵀ)⁻¹ X_S]
+
+(an N×N Cholesky) when N < k. When a Cholesky factor is too ill-conditioned to trust
+(estimated condition number above ``COND_LIMIT``) or fails, we fall back to an SVD-based
+least-squares solve of the augmented system and emit an :class:`IllConditionedWarning`.
+
+**E(S)** = q(v*) evaluated directly from the residual r = X(v* − w), which is exact and cheap.
+
+**Dual bound.** For any α ∈ R^N and z ∈ {0,1}ⁿ (z_i = 1: kept),
+
+    f(z) ≥ D(α, z) = −αᵀy − ½‖α‖² − Σ_i z_i c_i(α) + (λ/2)‖w‖² − gᵀw,
+    c_i(α) = (X_iᵀα − λ w_i + g_i)² / (2λ),
+
+with equality at α = X v*(z) − y. Minimising over |S| = k takes the k largest c_i:
+LB(α) = D(α, top-k) ≤ min_{|S|=k} E(S). Evaluated at any support's own residual it certifies that
+support's optimality gap at the cost of one pass over X.
+
+**CBS-S objective** (selection without compensation): q(w ⊙ z) = −g_Pᵀw_P + ½‖X_P w_P‖² + (λ/2)‖w_P‖²
+= ½ w_Pᵀ H_PP w_P − g_Pᵀ w_P. With λ → 0 and g = 0 it is the paper's w_PᵀF_PPw_P (up to the ½).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .errors import InvalidProblemError
+from .problem import BlockProblem
+
+__all__ = [
+    "IllConditionedWarning",
+    "SupportSolution",
+    "as_support",
+    "quadratic_model",
+    "optimal_update",
+    "support_objective",
+    "dual_bound",
+    "dual_value",
+    "dual_scores",
+    "relative_gap",
+    "selection_objective",
+    "COND_LIMIT",
+]
+
+#: Condition number above which a Cholesky solve is not trusted (float64 has ~16 digits).
+COND_LIMIT = 1e12
+
+
+class IllConditionedWarning(UserWarning):
+    """The update's linear system is too ill-conditioned for Cholesky; an SVD solve was used."""
+
+
+@dataclass(frozen=True)
+class SupportSolution:
+    """The optimal update for a support: ``weights`` (n,) with zeros on P, ``objective`` = E(S),
+    ``residual`` r = X(v − w) (N,), and the ``method`` used ("cholesky", "woodbury", "lstsq", "trivial")."""
+
+    weights: np.ndarray
+    objective: float
+    residual: np.ndarray
+    method: str
+
+
+def as_support(problem: BlockProblem, support: np.ndarray, check_size: bool = True) -> np.ndarray:
+    """Validate a support and return it as a boolean array (n,).
+
+    Accepts a boolean mask of shape (n,) or an integer array of kept indices (unique, in range).
+    With ``check_size``, the number of kept weights must equal ``problem.n_keep``.
+    """
+    s = np.asarray(support)
+    n = problem.n
+    if s.dtype == bool:
+        if s.shape != (n,):
+            raise InvalidProblemError(
+                f"The 'support' argument must be a boolean mask of shape ({n},) or kept indices. Got a mask of shape {s.shape}."
+            )
+        mask = s.copy()
+    elif np.issubdtype(s.dtype, np.integer) or s.size == 0:
+        idx = s.astype(np.intp).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise InvalidProblemError(
+                f"The 'support' argument's indices must be in [0, {n - 1}]. Got min {idx.min()}, max {idx.max()}."
+            )
+        if np.unique(idx).size != idx.size:
+            raise InvalidProblemError("The 'support' argument's indices must be unique. Got repeated indices.")
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+    else:
+        raise InvalidProblemError(
+            f"The 'support' argument must be a boolean mask or an integer index array. Got dtype {s.dtype}."
+        )
+    if check_size and int(mask.sum()) != problem.n_keep:
+        raise InvalidProblemError(
+            f"The 'support' argument must keep exactly n_keep = {problem.n_keep} weights. Got {int(mask.sum())}."
+        )
+    return mask
+
+
+def quadratic_model(problem: BlockProblem, v: np.ndarray) -> float:
+    """q(v) = gᵀ(v − w) + ½‖X(v − w)‖² + (λ/2)‖v − w‖² for a full vector v (n,)."""
+    d = np.asarray(v, dtype=np.float64) - problem.weights
+    X = problem.factor_matrix()
+    r = X @ d if X.dtype == np.float64 else (X.astype(np.float64) @ d)
+    return _q_from(problem, d, r)
+
+
+def _q_from(problem: BlockProblem, d: np.ndarray, r: np.ndarray) -> float:
+    value = 0.5 * float(r @ r) + 0.5 * problem.damping * float(d @ d)
+    if problem.gradient is not None:
+        value += float(problem.gradient @ d)
+    return value
+
+
+def _chol_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Solve A x = b for SPD A by Cholesky; None when it fails or is ill-conditioned."""
+    try:
+        c, low = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    d = np.abs(np.diag(c))
+    if d.min() <= 0 or (d.max() / d.min()) ** 2 > COND_LIMIT:
+        return None
+    return scipy.linalg.cho_solve((c, low), b, check_finite=False)
+
+
+def optimal_update(problem: BlockProblem, support: np.ndarray) -> SupportSolution:
+    """The CBS-U update and E(S) for a support (see the module docstring for the equations).
+
+    Parameters
+    ----------
+    problem : BlockProblem
+    support : (n,) bool or kept indices. Its size need not equal ``n_keep`` (used by greedy methods).
+
+    Returns
+    -------
+    SupportSolution with ``weights`` v (n,) float64, v_P = 0.
+    """
+    S = as_support(problem, support, check_size=False)
+    w, lam, g = problem.weights, problem.damping, problem.gradient
+    X = problem.factor_matrix()
+    idx = np.flatnonzero(S)
+    k = idx.size
+    v = np.zeros(problem.n)
+    method = "trivial"
+    if k:
+        XS = np.asarray(X[:, idx], dtype=np.float64)
+        y = problem.target()
+        rhs = XS.T @ y + lam * w[idx]
+        if g is not None:
+            rhs -= g[idx]
+        N = XS.shape[0]
+        vS = None
+        if k <= N:
+            A = XS.T @ XS
+            A[np.diag_indices_from(A)] += lam
+            vS = _chol_solve(A, rhs)
+            method = "cholesky"
+        else:
+            M = XS @ XS.T
+            M[np.diag_indices_from(M)] += lam
+            t = _chol_solve(M, XS @ rhs)
+            if t is not None:
+                vS = (rhs - XS.T @ t) / lam
+            method = "woodbury"
+        if vS is None:
+            warnings.warn(
+                f"The update system of block '{problem.label or '?'}' (k = {k}, N = {N}, λ = {lam:g}) is too "
+                f"ill-conditioned for Cholesky (estimated condition number > {COND_LIMIT:g}); "
+                "solving the augmented least-squares system by SVD instead.",
+                IllConditionedWarning,
+                stacklevel=2,
+            )
+            sq = np.sqrt(lam)
+            target = w[idx] - (g[idx] / lam if g is not None else 0.0)
+            A_aug = np.vstack([XS, sq * np.eye(k)])
+            b_aug = np.concatenate([y, sq * target])
+            vS = scipy.linalg.lstsq(A_aug, b_aug, check_finite=False, lapack_driver="gelsd")[0]
+            method = "lstsq"
+        v[idx] = vS
+    d = v - w
+    Xd = np.asarray(X, dtype=np.float64) @ d if X.dtype == np.float64 else X.astype(np.float64) @ d
+    return SupportSolution(weights=v, objective=_q_from(problem, d, Xd), residual=Xd, method=method)
+
+
+def support_objective(problem: BlockProblem, support: np.ndarray) -> float:
+    """E(S) = min {q(v) : v_P = 0} for a support of size ``n_keep``."""
+    return optimal_update(problem, as_support(problem, support)).objective
+
+
+def dual_scores(problem: BlockProblem, alpha: np.ndarray) -> np.ndarray:
+    """c_i(α) = (X_iᵀα − λ w_i + g_i)² / (2λ), shape (n,), float64."""
+    X = problem.factor_matrix()
+    a = np.asarray(alpha, dtype=np.float64)
+    u = X.T.astype(np.float64, copy=False) @ a if X.dtype == np.float64 else (X.T @ a.astype(X.dtype)).astype(np.float64)
+    u = u - problem.damping * problem.weights
+    if problem.gradient is not None:
+        u = u + problem.gradient
+    return u * u / (2.0 * problem.damping)
+
+
+def dual_value(problem: BlockProblem, alpha: np.ndarray, support: np.ndarray) -> float:
+    """D(α, z) for a fixed support z: a lower bound on E(S(z)), tight at α = X v*(z) − y."""
+    S = as_support(problem, support, check_size=False)
+    return _dual_constant(problem, alpha) - float(dual_scores(problem, alpha)[S].sum())
+
+
+def _dual_constant(problem: BlockProblem, alpha: np.ndarray) -> float:
+    a = np.asarray(alpha, dtype=np.float64)
+    y = problem.target()
+    const = -float(a @ y) - 0.5 * float(a @ a) + 0.5 * problem.damping * float(problem.weights @ problem.weights)
+    if problem.gradient is not None:
+        const -= float(problem.gradient @ problem.weights)
+    return const
+
+
+def dual_bound(problem: BlockProblem, alpha: np.ndarray | None = None, support: np.ndarray | None = None) -> float:
+    """LB(α) = D(α, k largest c_i) ≤ min_{|S|=k} E(S).
+
+    Pass ``alpha`` directly, or a ``support`` whose own residual r = X v*(S) − y is used as α
+    (the free certificate of any heuristic answer). With neither, α = −y (the residual of the
+    all-pruned support).
+    """
+    if alpha is None:
+        if support is None:
+            alpha = -problem.target()
+        else:
+            alpha = optimal_update(problem, support).residual
+    c = dual_scores(problem, alpha)
+    k = problem.n_keep
+    top = 0.0 if k == 0 else float(np.partition(c, c.size - k)[c.size - k:].sum())
+    return _dual_constant(problem, alpha) - top
+
+
+def relative_gap(objective: float, bound: float | None) -> float | None:
+    """(objective − bound) / max(|objective|, 1e-12), clipped at 0; None without a bound.
+
+    A gap of 0 means proven optimal (to the tolerance of the bound).
+    """
+    if bound is None or not np.isfinite(bound):
+        return None
+    gap = (objective - bound) / max(abs(objective), 1e-12)
+    return max(0.0, float(gap))
+
+
+def selection_objective(problem: BlockProblem, support: np.ndarray) -> float:
+    """The CBS-S binary-QP objective: q(w ⊙ z) = ½ w_Pᵀ H_PP w_P − g_Pᵀ w_P (no compensation)."""
+    S = as_support(problem, support, check_size=False)
+    v = np.where(S, problem.weights, 0.0)
+    return quadratic_model(problem, v)

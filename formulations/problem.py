@@ -1,0 +1,230 @@
+"""The block problem: the data of one combinatorial OBS instance (DESIGN.md §1).
+
+A block is a set of ``n`` weights ``w`` (float64, shape ``(n,)``) with a local quadratic model of the
+loss built from ``N`` per-sample gradient rows ``G`` (shape ``(N, n)``):
+
+    X = G / sqrt(N)                      (the *factor*, shape (N, n); F = XᵀX is the empirical Fisher)
+    H = F + λ I                          (λ > 0: the *damping*)
+    q(v) = gᵀ(v − w) + ½ (v − w)ᵀ H (v − w)
+         = gᵀ(v − w) + ½ ‖X v − y‖² + (λ/2) ‖v − w‖²,      y = X w.
+
+The problem is to keep ``k`` weights (``n_keep``) so that the loss after the best update of the kept
+weights, ``E(S) = min {q(v) : v_P = 0}``, is smallest.
+
+A problem holds either the factor ``X`` (preferred: it never needs an n×n matrix) or a dense,
+symmetric positive semi-definite ``fisher`` matrix ``F`` (n×n), never both. ``g`` (``gradient``) is
+optional and off by default, as in CBS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidProblemError, invalid_argument
+
+__all__ = ["BlockProblem"]
+
+
+def _fail(argument: str, allowed: str, got: Any) -> InvalidProblemError:
+    return invalid_argument(InvalidProblemError, argument, "BlockProblem", allowed, got)
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"an array of shape {a.shape} and dtype {a.dtype}"
+
+
+@dataclass(frozen=True, eq=False)
+class BlockProblem:
+    """One combinatorial OBS instance, validated on construction and immutable afterwards.
+
+    Attributes
+    ----------
+    weights : (n,) float64
+        The trained weights ``w`` of the block.
+    n_keep : int
+        ``k``, the number of weights to keep, ``0 <= k <= n``.
+    damping : float
+        Absolute damping ``λ > 0`` added to the Fisher (H = F + λI).
+    factor : (N, n) float32 or float64, optional
+        ``X = G/√N``. float32 is accepted to halve memory on large blocks; every reduction that
+        decides a result is carried out in float64.
+    fisher : (n, n) float64, optional
+        Dense ``F`` (symmetric PSD), the alternative to ``factor`` for small blocks.
+    gradient : (n,) float64, optional
+        Mean gradient ``g``; ``None`` means g = 0 (the CBS convention).
+    label : str
+        Free text carried into records (e.g. ``"fc2[3]"``).
+    """
+
+    weights: np.ndarray
+    n_keep: int
+    damping: float
+    factor: np.ndarray | None = None
+    fisher: np.ndarray | None = None
+    gradient: np.ndarray | None = None
+    label: str = ""
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.weights)
+        if w.ndim != 1 or w.size == 0:
+            raise _fail("weights", "a non-empty 1-D array", _describe(w))
+        w = w.astype(np.float64, copy=True)
+        if not np.all(np.isfinite(w)):
+            raise _fail("weights", "finite", "an array with NaN or inf")
+        n = w.size
+        object.__setattr__(self, "weights", w)
+
+        k = self.n_keep
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise _fail("n_keep", f"an integer in [0, {n}]", repr(k))
+        if not 0 <= int(k) <= n:
+            raise _fail("n_keep", f"in [0, {n}] (n = number of weights)", k)
+        object.__setattr__(self, "n_keep", int(k))
+
+        lam = self.damping
+        try:
+            lam = float(lam)
+        except (TypeError, ValueError):
+            raise _fail("damping", "a positive number", repr(lam)) from None
+        if not (np.isfinite(lam) and lam > 0):
+            raise _fail("damping", "a finite number > 0", lam)
+        object.__setattr__(self, "damping", lam)
+
+        if (self.factor is None) == (self.fisher is None):
+            raise InvalidProblemError(
+                "BlockProblem needs exactly one of 'factor' (X, shape (N, n)) and 'fisher' (F, shape (n, n)). "
+                f"Got factor={'None' if self.factor is None else 'an array'}, "
+                f"fisher={'None' if self.fisher is None else 'an array'}."
+            )
+        if self.factor is not None:
+            X = np.asarray(self.factor)
+            if X.dtype not in (np.float32, np.float64):
+                X = X.astype(np.float64)
+            if X.ndim != 2 or X.shape[1] != n or X.shape[0] < 1:
+                raise _fail("factor", f"a 2-D array of shape (N, {n}) with N >= 1", _describe(X))
+            if not np.all(np.isfinite(X)):
+                raise _fail("factor", "finite", "an array with NaN or inf")
+            X.setflags(write=False)
+            object.__setattr__(self, "factor", X)
+        else:
+            F = np.asarray(self.fisher, dtype=np.float64)
+            if F.shape != (n, n):
+                raise _fail("fisher", f"a square array of shape ({n}, {n})", _describe(F))
+            if not np.all(np.isfinite(F)):
+                raise _fail("fisher", "finite", "an array with NaN or inf")
+            scale = max(1.0, float(np.abs(F).max()))
+            if not np.allclose(F, F.T, rtol=0, atol=1e-10 * scale):
+                raise _fail("fisher", "symmetric", "an asymmetric matrix")
+            F = (F + F.T) / 2
+            F.setflags(write=False)
+            object.__setattr__(self, "fisher", F)
+
+        if self.gradient is not None:
+            g = np.asarray(self.gradient, dtype=np.float64).copy()
+            if g.shape != (n,):
+                raise _fail("gradient", f"None or an array of shape ({n},)", _describe(g))
+            if not np.all(np.isfinite(g)):
+                raise _fail("gradient", "finite", "an array with NaN or inf")
+            g.setflags(write=False)
+            object.__setattr__(self, "gradient", g)
+        self.weights.setflags(write=False)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n(self) -> int:
+        """Number of weights in the block."""
+        return self.weights.size
+
+    @property
+    def n_prune(self) -> int:
+        """``n − k``, the number of weights to remove."""
+        return self.n - self.n_keep
+
+    @property
+    def n_samples(self) -> int:
+        """Rows of the factor ``N`` (``n`` when only a dense Fisher is held)."""
+        return self.factor.shape[0] if self.factor is not None else self.n
+
+    def with_n_keep(self, n_keep: int) -> "BlockProblem":
+        """The same block with another budget (shares the arrays, no copy)."""
+        return BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label)
+
+    # ----------------------------------------------------------- derived data
+    def factor_matrix(self) -> np.ndarray:
+        """``X`` with ``XᵀX = F`` (float64 view or float32 array as stored).
+
+        When only ``fisher`` is held, ``X = Λ^{1/2} Uᵀ`` from ``F = U Λ Uᵀ`` (eigenvalues clipped at 0),
+        shape (n, n), computed once and cached.
+        """
+        if self.factor is not None:
+            return self.factor
+        if "factor" not in self._cache:
+            evals, evecs = np.linalg.eigh(self.fisher)
+            X = np.sqrt(np.clip(evals, 0.0, None))[:, None] * evecs.T
+            X.setflags(write=False)
+            self._cache["factor"] = X
+        return self._cache["factor"]
+
+    def fisher_diagonal(self) -> np.ndarray:
+        """``diag F`` (n,), float64."""
+        if self.fisher is not None:
+            return np.diag(self.fisher).copy()
+        X = self.factor
+        return np.einsum("ij,ij->j", X, X, dtype=np.float64)
+
+    def fisher_columns(self, index: np.ndarray) -> np.ndarray:
+        """``F[:, index]`` (n, len(index)), float64, without forming F."""
+        index = np.asarray(index, dtype=np.intp)
+        if self.fisher is not None:
+            return self.fisher[:, index]
+        X = self.factor
+        return (X.T @ X[:, index]).astype(np.float64)
+
+    def dense_fisher(self) -> np.ndarray:
+        """``F`` (n, n) float64. Forms an n×n matrix: only for small blocks."""
+        if self.fisher is not None:
+            return self.fisher
+        X = self.factor.astype(np.float64)
+        return X.T @ X
+
+    def dense_hessian(self) -> np.ndarray:
+        """``H = F + λI`` (n, n) float64. Only for small blocks."""
+        return self.dense_fisher() + self.damping * np.eye(self.n)
+
+    def target(self) -> np.ndarray:
+        """``y = X w`` (N,), float64."""
+        return self.factor_matrix().astype(np.float64, copy=False) @ self.weights
+
+    @classmethod
+    def from_gradients(
+        cls,
+        gradients: np.ndarray,
+        weights: np.ndarray,
+        n_keep: int,
+        damping: float,
+        relative_damping: bool = False,
+        gradient: np.ndarray | None = None,
+        label: str = "",
+        dtype: type = np.float64,
+    ) -> "BlockProblem":
+        """Build a problem from per-sample gradient rows ``G`` (N, n): ``X = G/√N``.
+
+        With ``relative_damping``, ``λ = damping · mean(diag F)`` (falls back to ``damping`` when the
+        Fisher is zero).
+        """
+        G = np.asarray(gradients)
+        if G.ndim != 2 or G.shape[0] < 1:
+            raise InvalidProblemError(
+                f"The 'gradients' argument of BlockProblem.from_gradients must be a 2-D array (N, n) with N >= 1. "
+                f"Got {_describe(G)}."
+            )
+        X = (G / np.sqrt(G.shape[0])).astype(dtype, copy=False)
+        lam = float(damping)
+        if relative_damping:
+            mean_diag = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) / X.shape[1]
+            lam = lam * mean_diag if mean_diag > 0 else lam
+        return cls(weights, n_keep, lam, factor=X, gradient=gradient, label=label)
