@@ -116,9 +116,7 @@ def as_support(problem: BlockProblem, support: np.ndarray, check_size: bool = Tr
 def quadratic_model(problem: BlockProblem, v: np.ndarray) -> float:
     """q(v) = gᵀ(v − w) + ½‖X(v − w)‖² + (λ/2)‖v − w‖² for a full vector v (n,)."""
     d = np.asarray(v, dtype=np.float64) - problem.weights
-    X = problem.factor_matrix()
-    r = X @ d if X.dtype == np.float64 else (X.astype(np.float64) @ d)
-    return _q_from(problem, d, r)
+    return _q_from(problem, d, problem.matvec(d))
 
 
 def _q_from(problem: BlockProblem, d: np.ndarray, r: np.ndarray) -> float:
@@ -195,7 +193,7 @@ def optimal_update(problem: BlockProblem, support: np.ndarray) -> SupportSolutio
             method = "lstsq"
         v[idx] = vS
     d = v - w
-    Xd = np.asarray(X, dtype=np.float64) @ d if X.dtype == np.float64 else X.astype(np.float64) @ d
+    Xd = problem.matvec(d)
     return SupportSolution(weights=v, objective=_q_from(problem, d, Xd), residual=Xd, method=method)
 
 
@@ -206,10 +204,7 @@ def support_objective(problem: BlockProblem, support: np.ndarray) -> float:
 
 def dual_scores(problem: BlockProblem, alpha: np.ndarray) -> np.ndarray:
     """c_i(α) = (X_iᵀα − λ w_i + g_i)² / (2λ), shape (n,), float64."""
-    X = problem.factor_matrix()
-    a = np.asarray(alpha, dtype=np.float64)
-    u = X.T.astype(np.float64, copy=False) @ a if X.dtype == np.float64 else (X.T @ a.astype(X.dtype)).astype(np.float64)
-    u = u - problem.damping * problem.weights
+    u = problem.rmatvec(alpha) - problem.damping * problem.weights
     if problem.gradient is not None:
         u = u + problem.gradient
     return u * u / (2.0 * problem.damping)

@@ -27,6 +27,9 @@ from .errors import InvalidProblemError, invalid_argument
 
 __all__ = ["BlockProblem"]
 
+#: columns converted to float64 at a time by matvec / rmatvec (N · 2048 · 8 bytes)
+_CHUNK = 2048
+
 
 def _fail(argument: str, allowed: str, got: Any) -> InvalidProblemError:
     return invalid_argument(InvalidProblemError, argument, "BlockProblem", allowed, got)
@@ -86,6 +89,8 @@ class BlockProblem:
         object.__setattr__(self, "n_keep", int(k))
 
         lam = self.damping
+        if isinstance(lam, (bool, np.bool_)):
+            raise _fail("damping", "a finite number > 0", repr(lam))
         try:
             lam = float(lam)
         except (TypeError, ValueError):
@@ -196,8 +201,34 @@ class BlockProblem:
         return self.dense_fisher() + self.damping * np.eye(self.n)
 
     def target(self) -> np.ndarray:
-        """``y = X w`` (N,), float64."""
-        return self.factor_matrix().astype(np.float64, copy=False) @ self.weights
+        """``y = X w`` (N,), float64, computed once and cached."""
+        if "target" not in self._cache:
+            y = self.matvec(self.weights)
+            y.setflags(write=False)
+            self._cache["target"] = y
+        return self._cache["target"]
+
+    def matvec(self, d: np.ndarray) -> np.ndarray:
+        """``X d`` (N,) in float64, by column chunks so a float32 X is never copied whole."""
+        X = self.factor_matrix()
+        d = np.asarray(d, dtype=np.float64)
+        if X.dtype == np.float64:
+            return X @ d
+        out = np.zeros(X.shape[0])
+        for s in range(0, X.shape[1], _CHUNK):
+            out += X[:, s : s + _CHUNK].astype(np.float64) @ d[s : s + _CHUNK]
+        return out
+
+    def rmatvec(self, a: np.ndarray) -> np.ndarray:
+        """``Xᵀ a`` (n,) in float64, by column chunks (exact to float64 even when X is float32)."""
+        X = self.factor_matrix()
+        a = np.asarray(a, dtype=np.float64)
+        if X.dtype == np.float64:
+            return X.T @ a
+        out = np.empty(X.shape[1])
+        for s in range(0, X.shape[1], _CHUNK):
+            out[s : s + _CHUNK] = X[:, s : s + _CHUNK].T.astype(np.float64) @ a
+        return out
 
     @classmethod
     def from_gradients(

@@ -1,0 +1,23 @@
+"""Shared pytest fixtures.
+
+``shared_data``: the shared data directory (``$CBS_DATA_DIR`` or ``../shared/data`` next to the
+project root, see ``engine.data.default_data_dir``). Tests that need the real data sets or
+checkpoints take this fixture and are skipped, with the reason, when the directory is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.data import DATA_DIR_ENV, default_data_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory as a Path; skips the test when it does not exist."""
+    path = default_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"../shared/data not found: '{path}' does not exist (set {DATA_DIR_ENV} to use another folder)")
+    return path

@@ -1,0 +1,204 @@
+"""The pruner end to end on the embedded digits, its all-or-nothing edit, and the CLI's error paths."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.data import load_digits
+from engine.demo import train_small_mlp
+from engine.errors import InvalidOptionError, SolverError
+from engine.models import prunable_parameters
+from engine.pruner import PruneConfig, prune
+from engine.result import SolveResult
+from engine.solvers.base import Capabilities, SubsetSolver
+from formulations.objective import optimal_update
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, _ = train_small_mlp(epochs=60, seed=0)
+    x, y = load_digits("train")
+    return model, x, y
+
+
+@pytest.mark.parametrize("mode", ["layer", "whole", "row"])
+@pytest.mark.parametrize("update", [False, True])
+def test_prune_masks_budget_and_update(trained, mode, update):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = [n for n, _ in prunable_parameters(model)]
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = PruneConfig(sparsity=0.7, method="magnitude", update=update, fisher_samples=300, block_mode=mode, seed=1)
+    report = prune(model, names, x, y, config)
+    n_total = sum(dense[n].numel() for n in names)
+    assert report.n_total == n_total
+    assert report.n_keep == round(0.3 * n_total)
+    for r, b in zip(report.results, report.blocks):
+        assert b.bound is not None and b.bound <= b.objective + 1e-9 and b.gap >= 0
+        assert int(r.support.sum()) == b.k
+    # the mask is applied and pruned weights are exactly zero
+    state = dict(model.named_buffers())
+    for n in names:
+        mask = state[n.replace(".weight", ".weight_mask")].bool()
+        w = model.get_submodule(n.rsplit(".", 1)[0]).weight
+        assert torch.all(w[~mask] == 0)
+        if not update:  # kept weights untouched
+            assert torch.equal(w[mask], dense[n][mask])
+    if update and mode == "whole":  # the written weights equal the numpy reference update
+        (r,) = report.results
+        ref = optimal_update(report_problem(base, names, x, y, config, r.support.sum()), r.support)
+        got = torch.cat([model.get_submodule(n.rsplit(".", 1)[0]).weight.detach().reshape(-1) for n in names])
+        np.testing.assert_allclose(got.double().numpy(), ref.weights, rtol=1e-4, atol=1e-6)
+
+
+def report_problem(model, names, x, y, config, k):
+    """Rebuild the whole-network block problem the pruner solved (same draw, same gradients)."""
+    from engine.fisher import per_sample_gradients
+    from formulations.problem import BlockProblem
+
+    gen = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(x.shape[0], generator=gen)[: config.fisher_samples]
+    gs = per_sample_gradients(model, names, x[idx], y[idx])
+    X = gs.matrix().double().numpy() / np.sqrt(gs.n_rows)
+    w = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names]).double().numpy()
+    return BlockProblem(w, int(k), config.damping, factor=X)
+
+
+class _WrongSize(SubsetSolver):
+    name = "wrong_size"
+    capabilities = Capabilities()
+
+    def __init__(self):
+        self.calls = 0
+
+    def solve(self, problem, options, warm_start=None):
+        self.calls += 1
+        support = np.zeros(problem.n, dtype=bool)
+        support[: problem.n_keep] = True
+        if self.calls == 2:  # the second block breaks the contract
+            support[:] = True
+        return SolveResult(support=support)
+
+
+def test_prune_failure_leaves_model_untouched(trained):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = [n for n, _ in prunable_parameters(model)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SolverError, match="support of size"):
+        prune(model, names, x, y, PruneConfig(sparsity=0.5, method=_WrongSize(), fisher_samples=50))
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"sparsity": 1.0}, r"'sparsity' argument of prune\(\) must be in \[0, 1\). Got 1.0"),
+        ({"sparsity": -0.1}, r"'sparsity'.*Got -0.1"),
+        ({"sparsity": 0.5, "fisher_samples": 0}, r"'fisher_samples'.*>= 1. Got 0"),
+        ({"sparsity": 0.5, "fisher_batch": 0}, r"'fisher_batch'"),
+        ({"sparsity": 0.5, "damping": -1.0}, r"'damping'.*> 0. Got -1.0"),
+        ({"sparsity": 0.5, "damping": 0.0}, r"'damping'"),
+        ({"sparsity": 0.5, "block_mode": "chunk"}, r"'block_size'"),
+        ({"sparsity": 0.5, "block_mode": "tiles"}, r"'block_mode'"),
+        ({"sparsity": 0.5, "allocation": "random"}, r"'allocation'"),
+        ({"sparsity": 0.5, "seed": -1}, r"'seed'"),
+        ({"sparsity": 0.5, "time_limit": 0}, r"'time_limit'"),
+    ],
+)
+def test_prune_config_rejections(kwargs, pattern):
+    with pytest.raises(InvalidOptionError, match=pattern):
+        PruneConfig(**kwargs)
+
+
+def test_prune_rejects_unknown_method_and_too_many_samples(trained):
+    base, x, y = trained
+    names = [n for n, _ in prunable_parameters(base)]
+    with pytest.raises(InvalidOptionError, match="'method'.*magnitude"):
+        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="nope"))
+    with pytest.raises(InvalidOptionError, match="'fisher_samples'"):
+        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=10**6))
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits 2 on its own errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--model", "mlpnet", "--sparsity", "1.5"], r"--sparsity: must be a number in \[0, 1\). Got 1.5"),
+        (["--model", "mlpnet", "--sparsity", "nan"], r"--sparsity: must be a number in \[0, 1\)"),
+        (["--model", "vgg", "--sparsity", "0.5"], r"--model: invalid choice: 'vgg'"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--fisher-samples", "0"], r"--fisher-samples: must be an integer >= 1. Got 0"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--damping", "-1"], r"--damping: must be a number > 0. Got -1"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--checkpoint", "/no/such.ckpt"], r"--checkpoint: must be an existing file"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], r"--data-dir: must be an existing folder"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--block-size", "0"], r"--block-size: must be an integer >= 1"),
+    ],
+)
+def test_cli_prune_bad_arguments_exit_2(argv, pattern, capsys, tmp_path):
+    code, _, err = _run(["prune", *argv, "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert __import__("re").search(pattern, err), err
+
+
+def test_cli_unknown_method_exit_2(capsys, tmp_path, shared_data):
+    code, _, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "nope",
+                         "--data-dir", str(shared_data), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "'method' argument must be one of" in err and "Got 'nope'" in err
+
+
+def test_cli_checkpoint_mismatch_exit_2(capsys, tmp_path, shared_data):
+    code, _, err = _run(["prune", "--model", "resnet20", "--sparsity", "0.5", "--data-dir", str(shared_data),
+                         "--checkpoint", str(shared_data / "weights/woodfisher_mlpnet_mnist.npz"),
+                         "--out", str(tmp_path)], capsys)
+    assert code == 2 and "resnet20" in err.lower() and not (tmp_path / "record.json").exists()
+
+
+def test_cli_missing_data_in_data_dir_exit_2(capsys, tmp_path, shared_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--data-dir", str(empty),
+                         "--checkpoint", str(shared_data / "weights/woodfisher_mlpnet_mnist.npz"),
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "mnist" in err.lower()
+
+
+def test_cli_bad_solver_param_exit_2(capsys, tmp_path, shared_data):
+    code, _, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--data-dir", str(shared_data),
+                         "--param", "oops", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "KEY=VALUE" in err
+
+
+def test_cli_prune_mlpnet_end_to_end(capsys, tmp_path, shared_data):
+    code, out, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "magnitude",
+                           "--fisher-samples", "64", "--data-dir", str(shared_data), "--no-progress",
+                           "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "record.json").read_text())
+    for key in ("model", "method", "update", "sparsity", "achieved_sparsity", "dense_accuracy", "accuracy",
+                "test_loss", "prune_seconds", "fisher_seconds", "seed", "environment", "blocks"):
+        assert key in rec
+    assert abs(rec["dense_accuracy"] - 93.97) < 0.01
+    assert abs(rec["achieved_sparsity"] - 0.5) < 1e-4
+    assert all(set(b) >= {"n", "k", "objective", "bound", "gap"} for b in rec["blocks"])
+    assert rec["environment"]["versions"]["torch"]
+    assert "record:" in out
+
+
+def test_cli_solvers_lists_builtins(capsys):
+    code, out, _ = _run(["solvers", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and rows["magnitude"]["available"] and not rows["magnitude"]["exact"]
