@@ -3,6 +3,8 @@
     cbs demo      train a small MLP on the bundled digits, prune it with every method, table + plot
     cbs prune     one-shot pruning of MLPNet / ResNet20 from the shared checkpoints, writes record.json
     cbs solvers   the solvers known here: exact?, bound?, available?, what to install
+    cbs solve     solve one block problem stored as .npz (X, w, lam, k, optional g)
+    cbs export-blocks   write real blocks of a zoo model as such .npz problems
 
 Every bad argument gets one message and exit code 2 before any work starts; other failures exit 1.
 """
@@ -116,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    so = sub.add_parser("solve", help="solve one block problem stored in an .npz file (X, w, lam, k, optional g)")
+    so.add_argument("problem", type=_existing_file, help="PROBLEM.npz with X (N×n), w (n), lam, k, optionally g (n)")
+    so.add_argument("--solver", default="brute_force", help=f"solver name: {', '.join(solver_names())}")
+    so.add_argument("--time-limit", type=POSITIVE, default=None, help="seconds")
+    so.add_argument("--seed", type=NONNEG_INT, default=0)
+    so.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="solver parameter (repeatable)")
+    so.add_argument("--json", action="store_true", help="write the result as JSON to stdout")
+
+    ex = sub.add_parser("export-blocks", help="write real blocks of a zoo model as .npz problems for `cbs solve`")
+    ex.add_argument("--model", required=True, choices=MODEL_NAMES)
+    ex.add_argument("--checkpoint", type=_existing_file, default=None)
+    ex.add_argument("--data-dir", type=_existing_dir, default=None)
+    ex.add_argument("--params", nargs="+", default=None, help="parameter names to export (default: all prunable)")
+    ex.add_argument("--block-mode", choices=("row", "chunk", "layer"), default="row")
+    ex.add_argument("--block-size", type=POSITIVE_INT, default=None, help="weights per block with --block-mode chunk")
+    ex.add_argument("--sparsity", type=SPARSITY, default=0.5, help="sets k = round((1 − sparsity) n) in each block")
+    ex.add_argument("--fisher-samples", type=POSITIVE_INT, default=1000)
+    ex.add_argument("--damping", type=POSITIVE, default=1e-3)
+    ex.add_argument("--max-blocks", type=POSITIVE_INT, default=None, help="export at most this many blocks")
+    ex.add_argument("--seed", type=NONNEG_INT, default=0)
+    ex.add_argument("--out", type=Path, required=True)
+
     sv = sub.add_parser("solvers", help="list the solvers: exact?, bound?, available?, what to install")
     sv.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -194,6 +218,44 @@ def _cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from .options import SolveOptions
+    from .problem_io import load_problem
+    from .solve import solve_block
+    from .solvers.registry import get_solver
+
+    problem = load_problem(args.problem)
+    solver = get_solver(args.solver, **_solver_params(args.param))
+    result = solve_block(problem, solver, SolveOptions(time_limit=args.time_limit, seed=args.seed))
+    summary = {**result.summary(), "support": result.kept.tolist(), "problem": str(args.problem),
+               "n": problem.n, "k": problem.n_keep, "N": problem.n_samples, "lam": problem.damping}
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        gap = "–" if summary["gap"] is None else f"{100 * summary['gap']:.4g} %"
+        bound = "–" if summary["bound"] is None else f"{summary['bound']:.10g}"
+        sys.stdout.write(
+            f"{summary['solver']}: objective {summary['objective']:.10g}  bound {bound}  gap {gap}\n"
+            f"status {summary['status']}  termination {summary['termination']}  wall time {summary['wall_time']:.3f} s\n"
+            f"kept ({problem.n_keep} of {problem.n}): {summary['support']}\n"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .problem_io import export_blocks
+
+    if args.block_mode == "chunk" and args.block_size is None:
+        raise InvalidOptionError("The '--block-size' argument of cbs export-blocks is required with --block-mode chunk. Got none.")
+    paths = export_blocks(
+        model_name=args.model, checkpoint=args.checkpoint, data_dir=args.data_dir, out=args.out, params=args.params,
+        block_mode=args.block_mode, block_size=args.block_size, sparsity=args.sparsity,
+        fisher_samples=args.fisher_samples, damping=args.damping, max_blocks=args.max_blocks, seed=args.seed,
+    )
+    sys.stdout.write(f"wrote {len(paths)} problems to {args.out}\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -208,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on a bad argument
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo}
+    handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo, "solve": _cmd_solve,
+                "export-blocks": _cmd_export}
     try:
         return handlers[args.command](args)
     except CBSError as exc:

@@ -202,3 +202,78 @@ def test_cli_solvers_lists_builtins(capsys):
     code, out, _ = _run(["solvers", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and rows["magnitude"]["available"] and not rows["magnitude"]["exact"]
+
+
+def test_cli_demo_writes_table_records_and_plot(capsys, tmp_path):
+    code, out, err = _run(["demo", "--out", str(tmp_path), "--sparsities", "0.5", "0.8",
+                           "--methods", "magnitude", "cbs", "--epochs", "60"], capsys)
+    assert code == 0, err
+    assert "| magnitude |" in out and "| cbs |" in out
+    for name in ("table.md", "records.jsonl", "record.json", "demo.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(abs(r["achieved_sparsity"] - r["sparsity"]) < 1e-3 for r in rows)
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_demo_rejects_unknown_method(capsys, tmp_path):
+    code, _, err = _run(["demo", "--out", str(tmp_path), "--methods", "nope"], capsys)
+    assert code == 2 and "'methods'" in err and "nope" in err
+
+
+def _saved_problem(tmp_path, **overrides):
+    rng = np.random.default_rng(3)
+    arrays = {"X": rng.normal(size=(16, 8)), "w": rng.normal(size=8), "lam": np.float64(0.1), "k": np.int64(4)}
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / "p.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_cli_solve_json_matches_the_objective(capsys, tmp_path):
+    from engine.problem_io import load_problem
+    from formulations.objective import support_objective
+
+    path = _saved_problem(tmp_path)
+    code, out, err = _run(["solve", str(path), "--solver", "brute_force", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("objective", "bound", "gap", "status", "termination", "wall_time", "support"):
+        assert key in res
+    p = load_problem(path)
+    assert res["status"] == "optimal" and res["gap"] == 0
+    assert res["objective"] == pytest.approx(support_objective(p, np.array(res["support"])), rel=1e-12)
+    code, out, _ = _run(["solve", str(path), "--solver", "magnitude"], capsys)
+    assert code == 0 and "objective" in out and "kept (4 of 8)" in out
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"lam": None}, "Missing: lam"),
+    ({"k": np.int64(9)}, r"'n_keep'.*\[0, 8\]"),
+    ({"lam": np.float64(-1.0)}, "'damping'"),
+    ({"k": np.float64(2.5)}, "'k' entry"),
+    ({"w": np.ones(7)}, "'factor'"),
+])
+def test_cli_solve_bad_problem_files_exit_2(overrides, pattern, capsys, tmp_path):
+    code, _, err = _run(["solve", str(_saved_problem(tmp_path, **overrides))], capsys)
+    assert code == 2 and __import__("re").search(pattern, err), err
+
+
+def test_cli_solve_rejects_missing_file_and_unknown_solver(capsys, tmp_path):
+    code, _, err = _run(["solve", str(tmp_path / "none.npz")], capsys)
+    assert code == 2 and "existing file" in err
+    code, _, err = _run(["solve", str(_saved_problem(tmp_path)), "--solver", "nope"], capsys)
+    assert code == 2 and "Got 'nope'" in err
+
+
+def test_cli_export_blocks_real_rows(capsys, tmp_path, shared_data):
+    from engine.problem_io import load_problem
+
+    code, out, err = _run(["export-blocks", "--model", "mlpnet", "--data-dir", str(shared_data), "--params",
+                           "fc3.weight", "--fisher-samples", "30", "--max-blocks", "3", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [b["n"] for b in index["blocks"]] == [20, 20, 20] and all(b["k"] == 10 for b in index["blocks"])
+    p = load_problem(tmp_path / index["blocks"][0]["file"])
+    assert p.n == 20 and p.n_samples == 30 and p.damping == 1e-3
