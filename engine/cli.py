@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--time-limit", type=POSITIVE, default=None, help="per-block solver time limit (s)")
     pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="solver parameter (repeatable), e.g. --param rmp_trials=10")
+    pr.add_argument("--loss-samples", type=POSITIVE_INT, default=None,
+                    help="training samples scoring candidate masks (cbs); default: the Fisher samples")
+    pr.add_argument("--evaluate-update", action="store_true",
+                    help="score candidate masks after the CBS-U update (cbs; cheap at high sparsity)")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -169,6 +173,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         fisher_batch=args.fisher_batch, damping=args.damping, relative_damping=args.relative_damping,
         block_mode=mode, block_size=args.block_size, allocation=args.allocation, seed=args.seed,
         time_limit=args.time_limit, solver_params=_solver_params(args.param), progress=not args.no_progress and None,
+        loss_samples=args.loss_samples, evaluate_update=args.evaluate_update,
     )
     solver = get_solver(config.method, **config.solver_params)  # unknown method / bad parameter: exit 2 now
     if hasattr(solver, "ensure_available"):

@@ -70,7 +70,10 @@ class PruneConfig:
     seed : seeds the sample draw and every solver.
     time_limit : per-block solver time limit in seconds (None: none).
     solver_params : constructor parameters of the method.
-    loss_samples : training samples used by a solver's ``evaluate`` callback (cbs); None = all drawn samples.
+    loss_samples : training samples used by a solver's ``evaluate`` callback (cbs); None = the Fisher samples.
+        Drawn as a prefix of the same seeded permutation as the Fisher samples.
+    evaluate_update : the ``evaluate`` callback scores a mask after the CBS-U update of its block (else the
+        kept weights keep their values, as in the CBS paper).
     certify : attach the dual certificate (bound, gap) to every block.
     chunk_size : gradient rows vmapped at once.
     progress : progress bars (None: when stderr is a terminal).
@@ -90,6 +93,7 @@ class PruneConfig:
     time_limit: float | None = None
     solver_params: dict[str, Any] = field(default_factory=dict)
     loss_samples: int | None = None
+    evaluate_update: bool = False
     certify: bool = True
     chunk_size: int = 256
     progress: bool | None = None
@@ -196,30 +200,40 @@ class PruneReport:
         }
 
 
-def _draw(inputs: torch.Tensor, targets: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(inputs: torch.Tensor, count: int, seed: int, what: str) -> torch.Tensor:
+    """The first ``count`` indices of a seeded permutation of the training set.
+
+    The Fisher samples and the loss samples are prefixes of the same permutation, so the smaller set is
+    always contained in the larger one and both are reproducible from the seed alone.
+    """
     if count > inputs.shape[0]:
-        raise invalid_option(
-            "fisher_samples", "prune()", f"at most {inputs.shape[0]} · (1 / fisher_batch) with this training set",
-            f"{count} samples needed",
-        )
+        raise invalid_option(what, "prune()", f"at most the {inputs.shape[0]} training samples", count)
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(inputs.shape[0], generator=gen)[:count]
-    return inputs[idx], targets[idx]
+    return torch.randperm(inputs.shape[0], generator=gen)[:count]
 
 
 class _BlockLoss:
-    """``evaluate(support) -> training loss`` of the model with one block's weights masked (no update).
+    """``evaluate(support) -> training loss`` of the model with one block's weights masked.
 
+    Without ``problem`` the kept weights keep their values (the paper's choice: no update while
+    selecting). With ``problem`` the kept weights get the CBS-U update first, so masks are compared by
+    the loss they will really have (costly when k is large: one k×k or N×N solve per call).
     The block's weights are written in place, the loss is computed without gradients, and the
     original values are restored before returning (also on error).
     """
 
-    def __init__(self, model: nn.Module, block: Block, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000):
+    def __init__(self, model: nn.Module, block: Block, inputs: torch.Tensor, targets: torch.Tensor,
+                 batch: int = 2000, problem: BlockProblem | None = None):
         self.model, self.block, self.inputs, self.targets, self.batch = model, block, inputs, targets, batch
+        self.problem = problem
         self.params = {name: getattr(*resolve(model, name)) for name, _, _ in block.segments}
 
     def __call__(self, support: np.ndarray) -> float:
-        mask = torch.from_numpy(np.asarray(support, dtype=bool))
+        support = np.asarray(support, dtype=bool)
+        mask = torch.from_numpy(support)
+        updated = None
+        if self.problem is not None:
+            updated = torch.from_numpy(batched_update([self.problem], [support])[0].weights)
         saved = []
         offset = 0
         with torch.no_grad():
@@ -228,6 +242,8 @@ class _BlockLoss:
                     flat = self.params[name].data.view(-1)
                     seg = flat[start:stop]
                     saved.append((flat, start, stop, seg.clone()))
+                    if updated is not None:
+                        seg.copy_(updated[offset : offset + stop - start].to(seg.dtype))
                     seg.mul_(mask[offset : offset + stop - start].to(seg.dtype))
                     offset += stop - start
                 total, count = 0.0, 0
@@ -276,7 +292,8 @@ def prune(
 
     # ---- gradients
     t0 = time.perf_counter()
-    x, y = _draw(train_inputs, train_targets, config.fisher_samples * config.fisher_batch, config.seed)
+    idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, config.seed, "fisher_samples")
+    x, y = train_inputs[idx], train_targets[idx]
     grads = per_sample_gradients(
         model, parameter_names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
     )
@@ -320,7 +337,8 @@ def prune(
     # ---- select
     loss_x, loss_y = x, y
     if config.loss_samples is not None:
-        loss_x, loss_y = x[: config.loss_samples], y[: config.loss_samples]
+        lidx = _draw(train_inputs, config.loss_samples, config.seed, "loss_samples")
+        loss_x, loss_y = train_inputs[lidx], train_targets[lidx]
     t1 = time.perf_counter()
     results: list[SolveResult] = []
     for b, p in progress(list(zip(blocks, problems)), total=len(blocks), desc=f"select ({solver.name})", enabled=show):
@@ -328,7 +346,7 @@ def prune(
             time_limit=config.time_limit,
             seed=config.seed,
             progress=bool(show) and len(blocks) == 1,
-            evaluate=_BlockLoss(model, b, loss_x, loss_y),
+            evaluate=_BlockLoss(model, b, loss_x, loss_y, problem=p if config.evaluate_update else None),
             certify=config.certify,
         )
         start = time.perf_counter()

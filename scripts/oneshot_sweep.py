@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--bn-reestimate", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--loss-samples", type=int, default=None, help="samples scoring cbs masks (default: Fisher samples)")
+    ap.add_argument("--evaluate-update", action="store_true", help="cbs scores masks after the CBS-U update")
+    ap.add_argument("--tag", default="", help="suffix of the method labels in the table (e.g. a variant name)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="solver parameter for cbs")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -126,22 +129,24 @@ def main(argv: list[str] | None = None) -> int:
         method, update = VARIANTS[label]
         for s in args.sparsities:
             for seed in args.seeds:
-                if (label, round(s, 6), seed) in done:
+                if (label + args.tag, round(s, 6), seed) in done:
                     continue
                 config = PruneConfig(
                     sparsity=s, method=method, update=update, fisher_samples=args.fisher_samples,
                     fisher_batch=args.fisher_batch, damping=args.damping, block_mode=args.block_mode,
                     block_size=args.block_size, seed=seed, solver_params=params if method == "cbs" else {},
+                    loss_samples=args.loss_samples if method == "cbs" else None,
+                    evaluate_update=args.evaluate_update and method == "cbs",
                 )
                 job = PruneJob(model=args.model, config=config, data_dir=args.data_dir, preset=args.preset,
                                bn_reestimate=args.bn_reestimate)
                 rec = run_prune(job)
-                rec["label"] = label
+                rec["label"] = label + args.tag
                 append_jsonl(records, rec)
                 done[_key(rec)] = rec
                 print(f"{label:>20} s={s:<5} seed={seed} acc={rec['accuracy']:.2f} "
                       f"prune={rec['prune_seconds']:.1f}s peak={rec['peak_memory_mb']:.0f}MiB", flush=True)
-    rows = [r for r in done.values() if r["label"] in args.methods]
+    rows = list(done.values())
     table = _table(rows, args.model, sorted(set(args.sparsities)))
     atomic_write_bytes(args.out / "table.md", (table + "\n").encode())
     _plot(rows, args.model, args.out / "accuracy.png")
