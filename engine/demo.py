@@ -19,6 +19,7 @@ from .data import load_digits
 from .errors import invalid_option
 from .evaluate import evaluate
 from .models import prunable_parameters, small_mlp
+from .plots import accuracy_plot
 from .progress import progress
 from .pruner import PruneConfig, prune
 from .records import append_jsonl, atomic_write_bytes, environment, write_json_atomic
@@ -51,31 +52,6 @@ def train_small_mlp(epochs: int = 200, seed: int = 0, lr: float = 1e-2) -> tuple
         opt.step()
     model.eval()
     return model, time.perf_counter() - start
-
-
-def _plot(rows: list[dict], dense: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label in dict.fromkeys(r["label"] for r in rows):
-        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["label"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense {dense:.1f} %")
-    ax.set_xlabel("sparsity (fraction of weights removed)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("One-shot pruning of a 64-32-16-10 MLP on 8x8 digits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_demo(
@@ -141,5 +117,5 @@ def run_demo(
         "dense_accuracy": dense_acc, "train_seconds": train_seconds, "seed": seed, "epochs": epochs,
         "sparsities": list(sparsities), "rows": rows, "environment": environment(),
     })
-    _plot(rows, dense_acc, out / "demo.png")
+    accuracy_plot(rows, out / "demo.png", "One-shot pruning of a 64-32-16-10 MLP on 8x8 digits", dense=dense_acc)
     return table, [out / "table.md", records, out / "record.json", out / "demo.png"]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.pipeline import PruneJob, run_prune
+from engine.plots import accuracy_plot
 from engine.pruner import PruneConfig
 from engine.records import append_jsonl, atomic_write_bytes
 
@@ -51,34 +52,6 @@ VARIANTS = {
 
 def _key(r: dict) -> tuple:
     return (r["label"], round(r["sparsity"], 6), r["seed"])
-
-
-def _plot(rows: list[dict], model: str, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in rows):
-        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["label"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} (ours)")
-    for name, curve in PUBLISHED[model].items():
-        if name == "dense" or not name.startswith("CBS"):
-            continue
-        ax.plot(list(curve), list(curve.values()), linestyle="--", marker="x", color="black", label=name)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"One-shot pruning of {model} (no fine-tuning)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _table(rows: list[dict], model: str, sparsities: list[float]) -> str:
@@ -149,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(done.values())
     table = _table(rows, args.model, sorted(set(args.sparsities)))
     atomic_write_bytes(args.out / "table.md", (table + "\n").encode())
-    _plot(rows, args.model, args.out / "accuracy.png")
+    refs = {k: v for k, v in PUBLISHED[args.model].items() if k.startswith("CBS")}
+    accuracy_plot(rows, args.out / "accuracy.png", f"One-shot pruning of {args.model} (no fine-tuning)",
+                  references=refs, dense=PUBLISHED[args.model]["dense"], suffix=" (ours)")
     print(table)
     print(f"wrote {records}, {args.out / 'table.md'}, {args.out / 'accuracy.png'}")
     return 0

@@ -1,0 +1,47 @@
+"""Plots (matplotlib, headless), written atomically as PNG."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+from .records import atomic_write_bytes
+
+__all__ = ["accuracy_plot"]
+
+
+def accuracy_plot(
+    rows: Iterable[dict],
+    path: str | Path,
+    title: str,
+    references: dict[str, dict[float, float]] | None = None,
+    dense: float | None = None,
+    suffix: str = "",
+) -> None:
+    """Test accuracy against sparsity, one line per ``row["label"]`` (rows carry ``sparsity``, ``accuracy``);
+    ``references`` are dashed black curves (e.g. published numbers), ``dense`` a grey horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["label"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}{suffix}")
+    for name, curve in (references or {}).items():
+        ax.plot(list(curve), list(curve.values()), linestyle="--", marker="x", color="black", label=name)
+    if dense is not None:
+        ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense {dense:.2f} %")
+    ax.set_xlabel("sparsity (fraction of weights removed)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
