@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prune a small MLP trained on the bundled digits with every method (no download)")
     demo.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for the table, record and plot")
-    demo.add_argument("--sparsities", type=SPARSITY, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    demo.add_argument("--sparsities", type=SPARSITY, nargs="+", default=[0.3, 0.5, 0.7, 0.8, 0.9])
     demo.add_argument("--methods", nargs="+", default=None, help="methods (default: every built-in heuristic)")
     demo.add_argument("--seed", type=NONNEG_INT, default=0)
     demo.add_argument("--epochs", type=POSITIVE_INT, default=200, help="full-batch training epochs of the small MLP")

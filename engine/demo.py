@@ -1,6 +1,6 @@
 """``cbs demo``: the embedded default job (no download, no shared data, about a minute on 2 cores).
 
-Trains a small bias-free MLP (64-32-16-10) on scikit-learn's 8x8 digits shipped inside the package,
+Trains a small bias-free MLP (64-64-32-10) on scikit-learn's 8x8 digits shipped inside the package,
 prunes a copy of it at several sparsities with every built-in heuristic (one block per layer, global
 magnitude budget, N = all training samples), and writes a table (markdown), the records (JSONL) and an
 accuracy-vs-sparsity plot (PNG).
@@ -42,7 +42,7 @@ def train_small_mlp(epochs: int = 200, seed: int = 0, lr: float = 1e-2) -> tuple
     x, y = load_digits("train", seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = small_mlp()
+        model = small_mlp(hidden=(64, 32))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
     model.train()
@@ -56,7 +56,7 @@ def train_small_mlp(epochs: int = 200, seed: int = 0, lr: float = 1e-2) -> tuple
 
 def run_demo(
     out: str | Path = "results/demo",
-    sparsities: list[float] | tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    sparsities: list[float] | tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9),
     methods: list[str] | None = None,
     seed: int = 0,
     epochs: int = 200,
@@ -117,5 +117,5 @@ def run_demo(
         "dense_accuracy": dense_acc, "train_seconds": train_seconds, "seed": seed, "epochs": epochs,
         "sparsities": list(sparsities), "rows": rows, "environment": environment(),
     })
-    accuracy_plot(rows, out / "demo.png", "One-shot pruning of a 64-32-16-10 MLP on 8x8 digits", dense=dense_acc)
+    accuracy_plot(rows, out / "demo.png", "One-shot pruning of a 64-64-32-10 MLP on 8x8 digits", dense=dense_acc)
     return table, [out / "table.md", records, out / "record.json", out / "demo.png"]
