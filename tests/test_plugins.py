@@ -16,7 +16,9 @@ from engine.testing import check_solver
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "greedy", "iht", "cbs", "brute_force"])
+@pytest.mark.parametrize(
+    "name", ["magnitude", "woodfisher", "greedy", "iht", "cbs", "brute_force", "bnb", "highs", "cvxpy", "pyomo"]
+)
 def test_builtin_solvers_conform(name):
     report = check_solver(name, n=7, seeds=(0,))
     assert report.problems == 6 and not report.failures

@@ -31,6 +31,10 @@ _BUILTIN: dict[str, str] = {
     "cbs": "engine.solvers.local_search:CBSSolver",
     "iht": "engine.solvers.iht:IHTSolver",
     "brute_force": "engine.solvers.brute_force:BruteForceSolver",
+    "bnb": "engine.solvers.branch_and_bound:BranchAndBoundSolver",
+    "highs": "engine.solvers.highs:HighsSolver",
+    "pyomo": "engine.solvers.pyomo_backend:PyomoSolver",
+    "cvxpy": "engine.solvers.cvxpy_backend:CvxpySolver",
 }
 
 _registered: dict[str, Callable[..., SubsetSolver]] = {}
