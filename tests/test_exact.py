@@ -506,3 +506,25 @@ def test_perspective_bound_through_cvxpy_is_certified():
     assert solve_perspective(sub, delta, lip, max_iter=3000, rtol=1e-10).bound == pytest.approx(strong, rel=1e-5)
     r = solve_block(p, CvxpySolver(relaxation="perspective"))
     assert r.status == Status.FEASIBLE and r.bound <= opt + 1e-9
+
+
+@pytest.mark.skipif(not _has("gurobipy"), reason="gurobipy is not installed: pip install 'cbs-prune[gurobi]'")
+@pytest.mark.parametrize("params", [CASES[i] for i in (1, 6, 7)], ids=_ids)
+def test_gurobi_backends_equal_brute_force(params):
+    from engine.solvers.cvxpy_backend import CvxpySolver
+    from engine.solvers.pyomo_backend import PyomoSolver
+
+    p, S, opt = case(params)
+    assert_exact(solve_block(p, CvxpySolver(solver="GUROBI"), SolveOptions(time_limit=60)), opt)
+    assert_exact(solve_block(p, PyomoSolver(solver_name="gurobi"), SolveOptions(time_limit=60)), opt)
+
+
+def test_pyomo_highs_gives_only_a_relaxation_bound():
+    from engine.solvers.pyomo_backend import PyomoSolver
+
+    p, S, opt = case((9, 4, "well", False))
+    solver = PyomoSolver(solver_name="highs")
+    assert not solver.capabilities.exact
+    r = solve_block(p, solver)
+    assert r.status == Status.FEASIBLE and r.bound <= opt + 1e-9
+    assert solver.relaxation_bound(p) == pytest.approx(0.0, abs=1e-7)

@@ -22,7 +22,7 @@ empty, so i is fixed the other way; the node is then re-reduced and re-bounded (
 **Incumbent.** Best of the warm start, magnitude, WoodFisher (OBS scores) and greedy OBS elimination,
 improved by best-improvement swap local search on the exact E(S) (all k(n − k) swaps scored by batched
 m×m solves, m = min(k, n − k)); in the tree, each node's relaxed solution is rounded (I ∪ top-k' of z)
-and scored exactly.
+and scored exactly; a new incumbent found that way gets a few passes of the same swap search.
 
 **Search.** Best-first (lowest bound first); a node is pruned when LB ≥ UB − tol, tol = max(rel_gap·|UB|,
 abs_gap). Branching variable: the largest fractional z_i of the node's relaxation (equivalently the
@@ -222,6 +222,7 @@ class BranchAndBoundSolver(SubsetSolver):
     max_nodes : node limit (default None: unlimited); reaching it returns ITERATION_LIMIT.
     fixing_rounds : rounds of reduced-cost fixing per node (default 3; 0 disables).
     relaxation_iters : FISTA iterations per node bound (default 200).
+    polish_passes : swap local-search passes applied to each new incumbent found in the tree (default 3).
     """
 
     name = "bnb"
@@ -240,13 +241,18 @@ class BranchAndBoundSolver(SubsetSolver):
         max_nodes: int | None = None,
         fixing_rounds: int = 3,
         relaxation_iters: int = 200,
+        polish_passes: int = 3,
     ) -> None:
         for nm, val in (("rel_gap", rel_gap), ("abs_gap", abs_gap)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 <= val < 1):
                 raise invalid_option(nm, "BranchAndBoundSolver()", "a number in [0, 1)", repr(val))
         if max_nodes is not None and (isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1):
             raise invalid_option("max_nodes", "BranchAndBoundSolver()", "None or an integer >= 1", repr(max_nodes))
-        for nm, val, lo in (("fixing_rounds", fixing_rounds, 0), ("relaxation_iters", relaxation_iters, 1)):
+        for nm, val, lo in (
+            ("fixing_rounds", fixing_rounds, 0),
+            ("relaxation_iters", relaxation_iters, 1),
+            ("polish_passes", polish_passes, 0),
+        ):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise invalid_option(nm, "BranchAndBoundSolver()", f"an integer >= {lo}", repr(val))
         self.rel_gap = float(rel_gap)
@@ -254,6 +260,7 @@ class BranchAndBoundSolver(SubsetSolver):
         self.max_nodes = max_nodes
         self.fixing_rounds = fixing_rounds
         self.relaxation_iters = relaxation_iters
+        self.polish_passes = polish_passes
 
     # ------------------------------------------------------------------------------------------ solve
     def solve(
@@ -315,7 +322,8 @@ class BranchAndBoundSolver(SubsetSolver):
         # the global bound: the lowest open node (none open: the incumbent is proven)
         global_bound = min(heap[0].bound, best_val) if heap else best_val
         optimal = termination == Termination.OPTIMAL
-        info.update({"nodes": nodes, "root_bound": root_bound, "open_nodes": len(heap)})
+        info.update({"nodes": nodes, "root_bound": root_bound, "open_nodes": len(heap),
+                     "tree_improvements": search.improvements})
         return SolveResult(
             support=best_S.copy(),
             objective=best_val,
@@ -368,6 +376,7 @@ class _Search:
         self.best_value = best_value
         self.seen: set[bytes] = set()
         self.counter = 0
+        self.improvements = 0
 
     def threshold(self) -> float:
         """Nodes whose bound reaches this are pruned: UB − max(rel_gap·|UB|, abs_gap)."""
@@ -382,7 +391,11 @@ class _Search:
         self.seen.add(key)
         value = float(self.evaluator.values(support[None, :])[0])
         if value < self.best_value:
-            self.best_support, self.best_value = support.copy(), value
+            # a new incumbent from the tree: polish it by a few passes of swap local search
+            S, value, _ = swap_local_search(self.evaluator, support, max_passes=self.solver.polish_passes)
+            self.seen.add(np.packbits(S).tobytes())
+            self.best_support, self.best_value = S, value
+            self.improvements += 1
 
     def evaluate(
         self, sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray, v0: np.ndarray, depth: int
