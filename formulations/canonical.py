@@ -17,7 +17,8 @@ Builders, all from a :class:`~formulations.problem.BlockProblem` with d = v − 
 * :func:`qp_relaxation_model` — the same with z ∈ [0, 1] (a convex QP; worthless bound: see below).
 * :func:`perspective_relaxation` — the conic (rotated second-order cone) relaxation, for cvxpy.
 * :func:`binary_qp_model` — CBS-S: min over z of q(w ⊙ z) (no compensation), Σ z = k, z binary.
-* :func:`cut_master_model` — min η s.t. outer-approximation cuts (formulations.cuts), Σ z = k, z binary.
+* :func:`cut_master_model` / :func:`cut_master_arrays` — min η s.t. outer-approximation cuts
+  (formulations.cuts), Σ z = k, z binary (a MILP: what the HiGHS backend solves).
 
 **Big-M** (valid for every g). Let U ≥ E(S*) be an incumbent's value. For any optimal v* with d = v* − w,
 q(v*) = gᵀd + ½ dᵀF d + (λ/2)‖d‖² ≥ −‖g‖‖d‖ + (λ/2)‖d‖², so t = ‖d‖ satisfies (λ/2)t² − ‖g‖t − U ≤ 0, i.e.
@@ -38,10 +39,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from .cuts import Cut
 from .errors import InvalidProblemError
 from .objective import support_objective
 from .problem import BlockProblem
@@ -55,6 +58,7 @@ __all__ = [
     "perspective_relaxation",
     "binary_qp_model",
     "cut_master_model",
+    "cut_master_arrays",
     "miqp_point",
 ]
 
@@ -294,13 +298,22 @@ def binary_qp_model(problem: BlockProblem) -> QuadraticModel:
     )
 
 
-def cut_master_model(
+def cut_master_model(problem: BlockProblem, cuts: Sequence[Cut], eta_lower: float = -INF) -> QuadraticModel:
+    """The cutting-plane master of a block: min η s.t. η + c_jᵀz ≥ rhs_j for each ``formulations.cuts.Cut``,
+    Σ z = k, z binary (see :func:`cut_master_arrays`)."""
+    C = np.array([c.coefficients for c in cuts], dtype=np.float64).reshape(len(cuts), problem.n)
+    rhs = np.array([c.rhs for c in cuts], dtype=np.float64)
+    return cut_master_arrays(problem.n, problem.n_keep, C, rhs, eta_lower)
+
+
+def cut_master_arrays(
     n: int, n_keep: int, coefficients: np.ndarray, rhs: np.ndarray, eta_lower: float = -INF
 ) -> QuadraticModel:
     """The cutting-plane master: min η s.t. η + C z ≥ rhs (one row per cut), Σ z = k, z binary.
 
     coefficients : (cuts, n) c ≥ 0 (``formulations.cuts.Cut.coefficients``); rhs : (cuts,) (``Cut.rhs``).
     Variables: z (n) then η; P = 0 (a MILP). ``eta_lower``: any valid lower bound (e.g. a relaxation's).
+    Row 0 is Σ z = k; rows 1.. are the cuts, in order.
     """
     C = np.atleast_2d(np.asarray(coefficients, dtype=np.float64)).reshape(-1, n)
     rhs = np.asarray(rhs, dtype=np.float64).ravel()

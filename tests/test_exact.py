@@ -163,7 +163,7 @@ def test_canonical_models_evaluate_to_the_oracle(params):
     assert pm.model.objective(xp) == pytest.approx(opt, rel=1e-9, abs=1e-12)
     assert pm.cones.shape == (p.n, 3)
     c = support_cut(p, S)
-    cm = cut_master_model(p.n, p.n_keep, c.coefficients[None, :], np.array([c.rhs]))
+    cm = cut_master_model(p, [c])
     xm = np.append(z, c.value)
     assert cm.objective(xm) == pytest.approx(opt, rel=1e-12, abs=1e-14)
     assert cm.violation(xm) <= 1e-9

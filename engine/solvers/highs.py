@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from formulations.canonical import QuadraticModel, qp_relaxation_model
+from formulations.canonical import QuadraticModel, cut_master_arrays, qp_relaxation_model
 from formulations.cuts import (
     dense_subproblem,
     perspective_shift,
@@ -245,20 +245,15 @@ class HighsSolver(SubsetSolver):
 
         add_support_cuts([best_S] + (neighbours(best_S) if self.neighbour_cuts else []))
 
-        h = hp.Highs()
-        h.silent()
+        # the master: formulations.canonical.cut_master_arrays (z binary, then η scaled, η ≥ the root bound)
+        master = cut_master_arrays(n, k, np.vstack(cuts_C), np.asarray(cuts_rhs), eta_lower=bound / scale)
+        h = highs_from_model(master)
         h.setOptionValue("threads", int(self.threads))
         h.setOptionValue("mip_rel_gap", 0.1 * self.rel_gap)
         h.setOptionValue("mip_abs_gap", 1e-12)
         h.setOptionValue("mip_feasibility_tolerance", 1e-9)
         inf = hp.kHighsInf
-        # columns: z (binary) then η (scaled); η ≥ the certified root bound
-        empty_i, empty_v = np.zeros(0, dtype=np.int32), np.zeros(0)
-        h.addCols(n, np.zeros(n), np.zeros(n), np.ones(n), 0, empty_i, empty_i, empty_v)
-        h.addCols(1, np.ones(1), np.array([bound / scale]), np.array([inf]), 0, empty_i, empty_i, empty_v)
-        h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.array([hp.HighsVarType.kInteger] * n))
-        h.addRow(float(k), float(k), n, np.arange(n, dtype=np.int32), np.ones(n))
-        n_rows_added = 0
+        n_rows_added = len(cuts_rhs)
 
         def flush_cuts() -> None:
             nonlocal n_rows_added
