@@ -182,9 +182,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                    preset=args.preset, bn_reestimate=args.bn_reestimate, out=args.out)
     from .models import load_model, prunable_parameters
 
-    prunable_parameters(load_model(job.model, job.checkpoint), job.preset)  # checkpoint / preset mismatch: exit 2
+    model = load_model(job.model, job.checkpoint)  # checkpoint mismatch: exit 2, before any work
+    prunable_parameters(model, job.preset)  # unknown preset: exit 2
     try:
-        record = run_prune(job)
+        record = run_prune(job, model)
     except CBSError as exc:
         # past validation, a failure is not the user's input: exit 1, but keep the one-line message
         sys.stderr.write(f"cbs prune: error: {exc}\n")

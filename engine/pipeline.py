@@ -85,10 +85,12 @@ class PruneJob:
             raise invalid_option("bn_samples", "PruneJob", "an integer >= 1", self.bn_samples)
 
 
-def run_prune(job: PruneJob) -> dict[str, Any]:
-    """Load the model and data, prune, evaluate before/after, write ``job.out/record.json``; return the record."""
+def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Load the model (unless the caller already loaded ``job.checkpoint`` into ``model``) and the data,
+    prune, evaluate before/after, write ``job.out/record.json``; return the record."""
     started = time.time()
-    model = load_model(job.model, job.checkpoint)
+    if model is None:
+        model = load_model(job.model, job.checkpoint)
     names = [n for n, _ in prunable_parameters(model, job.preset)]
     train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
     test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")

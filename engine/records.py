@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ def to_jsonable(value: Any) -> Any:
         return value.item()
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "value") and type(value).__module__ != "builtins" and isinstance(getattr(value, "value"), str):
+    if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, float) and not np.isfinite(value):
         return None if np.isnan(value) else ("inf" if value > 0 else "-inf")

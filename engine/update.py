@@ -49,14 +49,6 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a))
 
 
-def _target(X: torch.Tensor, w: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """y = X w in float64 without converting the whole X at once."""
-    y = torch.zeros(X.shape[0], dtype=torch.float64)
-    for s in range(0, X.shape[1], chunk):
-        y += X[:, s : s + chunk].to(torch.float64) @ w[s : s + chunk]
-    return y
-
-
 def _finish(problem: BlockProblem, idx: np.ndarray, vS: torch.Tensor, XS: torch.Tensor, y: torch.Tensor, method: str) -> UpdateResult:
     v = np.zeros(problem.n)
     v[idx] = vS.numpy()
@@ -85,8 +77,7 @@ def _rhs(problem: BlockProblem, idx: np.ndarray, XS: torch.Tensor, y: torch.Tens
 
 def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
     X = _tensor(problem.factor_matrix())
-    w = _tensor(problem.weights)
-    y = _target(X, w)
+    y = _tensor(problem.target())  # cached on the problem: repeated updates of one block reuse it
     if idx.size == 0:
         return _finish(problem, idx, torch.zeros(0, dtype=torch.float64), X[:, :0].to(torch.float64), y, "trivial")
     XS = X[:, torch.from_numpy(idx)].to(torch.float64)
@@ -128,7 +119,7 @@ def _batch(problems: list[BlockProblem], idxs: list[np.ndarray]) -> list[UpdateR
     ys = []
     for b, (p, idx) in enumerate(zip(problems, idxs)):
         X = _tensor(p.factor_matrix())
-        y = _target(X, _tensor(p.weights))
+        y = _tensor(p.target())
         ys.append(y)
         xs = X[:, torch.from_numpy(idx)].to(torch.float64)
         XS[b, :, : idx.size] = xs
