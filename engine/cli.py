@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (also used by the docs)."""
     from .blocks import BLOCK_MODES
     from .models import MODEL_NAMES
+    from formulations.allocation import SCHEDULES
+
     from .pruner import ALLOCATIONS
     from .solvers.registry import solver_names
 
@@ -118,8 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training samples scoring candidate masks (cbs); default: the Fisher samples")
     pr.add_argument("--evaluate-update", action="store_true",
                     help="score candidate masks after the CBS-U update (cbs; cheap at high sparsity)")
+    pr.add_argument("--stages", type=POSITIVE_INT, default=None,
+                    help="prune in K stages along --schedule, re-linearising at every stage (default 1)")
+    pr.add_argument("--schedule", choices=SCHEDULES, default=None, help="sparsity schedule of the stages (default exp)")
+    fo = pr.add_mutually_exclusive_group()
+    fo.add_argument("--first-order", dest="first_order", action="store_true", default=None,
+                    help="include the mean gradient g in the quadratic model (the update becomes a damped Newton step)")
+    fo.add_argument("--no-first-order", dest="first_order", action="store_false")
+    ss = pr.add_mutually_exclusive_group()
+    ss.add_argument("--step-search", dest="step_search", action="store_true", default=None,
+                    help="after each stage, take the step towards the update with the lowest training loss")
+    ss.add_argument("--no-step-search", dest="step_search", action="store_false")
+    pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
-    pr.add_argument("--out", type=Path, required=True, help="folder for record.json")
+    pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     so = sub.add_parser("solve", help="solve one block problem stored in an .npz file (X, w, lam, k, optional g)")
@@ -174,6 +188,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         block_mode=mode, block_size=args.block_size, allocation=args.allocation, seed=args.seed,
         time_limit=args.time_limit, solver_params=_solver_params(args.param), progress=not args.no_progress and None,
         loss_samples=args.loss_samples, evaluate_update=args.evaluate_update,
+        stages=args.stages or 1, schedule=args.schedule or "exp", first_order=bool(args.first_order),
+        step_search=bool(args.step_search), workers=args.workers,
     )
     solver = get_solver(config.method, **config.solver_params)  # unknown method / bad parameter: exit 2 now
     if hasattr(solver, "ensure_available"):

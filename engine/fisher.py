@@ -36,6 +36,9 @@ class GradientSet:
     names : parameter names, in model order.
     shapes : their shapes.
     rows : dict name -> (N, numel) float32 tensor, row i = gradient of loss i w.r.t. that parameter.
+        Each is a column slice (a view) of ``buffer``.
+    buffer : (N, Σ numel) float32, every parameter's rows side by side in ``names`` order: a block that
+        spans all of them (``block_mode="whole"``) uses it without a copy.
     losses : (N,) float32, the loss of each row's sample or mini-batch at the current weights.
     fisher_batch : samples averaged per row.
     """
@@ -45,6 +48,7 @@ class GradientSet:
     rows: dict[str, torch.Tensor]
     losses: torch.Tensor
     fisher_batch: int
+    buffer: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -105,7 +109,13 @@ def per_sample_gradients(
         return value, value
 
     grad_fn = vmap(grad(row, has_aux=True), in_dims=(None, 0, 0))
-    out = {n: torch.empty((n_rows, prunable[n].numel()), dtype=torch.float32) for n in parameter_names}
+    # one (N, Σ numel) buffer with per-parameter column views: a whole-network block needs no second copy
+    sizes = [prunable[n].numel() for n in parameter_names]
+    buffer = torch.empty((n_rows, sum(sizes)), dtype=torch.float32)
+    out, offset = {}, 0
+    for n, size in zip(parameter_names, sizes):
+        out[n] = buffer[:, offset : offset + size]
+        offset += size
     losses = torch.empty(n_rows, dtype=torch.float32)
     was_training = model.training
     model.eval()
@@ -125,4 +135,5 @@ def per_sample_gradients(
         rows=out,
         losses=losses,
         fisher_batch=fisher_batch,
+        buffer=buffer,
     )

@@ -19,9 +19,10 @@ from .errors import DataNotFoundError, invalid_option
 from .evaluate import evaluate, reestimate_batchnorm
 from .models import MODEL_NAMES, load_model, prunable_parameters
 from .pruner import PruneConfig, prune
-from .records import environment, write_json_atomic
+from .masking import make_permanent
+from .records import atomic_write_bytes, environment, write_json_atomic
 
-__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb"]
+__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors"]
 
 #: checkpoint file of each model, relative to the data folder (laid out like ../shared/data)
 CHECKPOINTS = {
@@ -85,9 +86,35 @@ class PruneJob:
             raise invalid_option("bn_samples", "PruneJob", "an integer >= 1", self.bn_samples)
 
 
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``torch.save`` of a dict of tensors, written atomically (a crash leaves the old file or none)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _bn_images(job: PruneJob, train_x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Training images for BatchNorm re-estimation (augmented for ResNet20, whose statistics came from
+    augmented images: clean ones cost ~3 points)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(train_x.shape[0], generator=gen)[: job.bn_samples]
+    images = train_x[idx]
+    if job.model == "resnet20":
+        images = augment_cifar10(images, copies=2, seed=seed)
+    return images
+
+
 def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Load the model (unless the caller already loaded ``job.checkpoint`` into ``model``) and the data,
-    prune, evaluate before/after, write ``job.out/record.json``; return the record."""
+    prune, evaluate before/after, write ``job.out/record.json`` (and ``mask.pt``, ``model.pt``); return
+    the record.
+
+    ``mask.pt``: {parameter name: 0/1 bool tensor of the parameter's shape}, the mask the pruner chose
+    (``cbs train --mask FILE`` reads it). ``model.pt``: the pruned model's plain state_dict (masks folded
+    in, so it loads into the unpruned model class). With several stages and ``bn_reestimate``, BatchNorm
+    statistics are re-estimated after every stage too, so the next stage's gradients see them."""
     started = time.time()
     if model is None:
         model = load_model(job.model, job.checkpoint)
@@ -95,7 +122,17 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
     train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
     test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")
     dense_acc, dense_loss = evaluate(model, test_x, test_y)
-    report = prune(model, names, train_x, train_y, job.config)
+    stage_log: list[dict[str, Any]] = []
+
+    def on_stage(stage, staged_model) -> None:
+        if job.bn_reestimate:
+            reestimate_batchnorm(staged_model, _bn_images(job, train_x, job.config.seed + stage.stage),
+                                 seed=job.config.seed)
+        stage_acc, stage_loss = evaluate(staged_model, test_x, test_y)
+        stage_log.append({"stage": stage.stage, "sparsity": stage.sparsity, "accuracy": stage_acc,
+                          "test_loss": stage_loss, "step": stage.step})
+
+    report = prune(model, names, train_x, train_y, job.config, on_stage=on_stage if job.config.stages > 1 else None)
     acc, loss = evaluate(model, test_x, test_y)
     record: dict[str, Any] = {
         "model": job.model,
@@ -118,23 +155,20 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
         "settings": job.config.to_dict(),
     }
     if job.bn_reestimate:
-        gen = torch.Generator().manual_seed(job.config.seed)
-        idx = torch.randperm(train_x.shape[0], generator=gen)[: job.bn_samples]
-        images = train_x[idx]
-        if job.model == "resnet20":
-            # the checkpoint's statistics come from augmented images (pad-4 crop + flip); clean images cost ~3 points
-            images = augment_cifar10(images, copies=2, seed=job.config.seed)
+        images = _bn_images(job, train_x, job.config.seed)
         reestimate_batchnorm(model, images, seed=job.config.seed)
         record["accuracy_no_bn_reestimate"] = acc
         record["test_loss_no_bn_reestimate"] = loss
         record["accuracy"], record["test_loss"] = evaluate(model, test_x, test_y)
-        record["bn_reestimate_samples"] = int(idx.numel())
+        record["bn_reestimate_samples"] = int(min(job.bn_samples, train_x.shape[0]))
     record.update(
         {
             "n_total": report.n_total,
             "n_keep": report.n_keep,
             "objective_total": float(sum(b.objective for b in report.blocks)),
             "blocks": [b.__dict__ for b in report.blocks],
+            "stages": [{**st.__dict__, **(stage_log[i] if i < len(stage_log) else {})}
+                       for i, st in enumerate(report.stages)],
             "peak_memory_mb": peak_memory_mb(),
             "total_seconds": time.time() - started,
             "environment": environment(),
@@ -142,5 +176,20 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
         }
     )
     if job.out is not None:
-        write_json_atomic(Path(job.out) / "record.json", record)
+        out = Path(job.out)
+        save_tensors(out / "mask.pt", {n: m for n, m in report.masks.items()})
+        plain = _folded_state_dict(model)
+        save_tensors(out / "model.pt", plain)
+        record["files"] = {"mask": str(out / "mask.pt"), "model": str(out / "model.pt")}
+        write_json_atomic(out / "record.json", record)
     return record
+
+
+def _folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with pruning masks folded in (keys of the plain, unpruned model class),
+    without touching ``model`` itself."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    make_permanent(plain)
+    return plain.state_dict()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from formulations.allocation import allocate_global, allocate_uniform, n_keep_for
+from formulations.allocation import SCHEDULES, allocate_global, allocate_uniform, n_keep_for, sparsity_schedule
 from formulations.problem import BlockProblem
 
 from .blocks import BLOCK_MODES, Block, make_blocks
@@ -37,11 +37,11 @@ from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .update import batched_update
 
-__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "prune", "ALLOCATIONS", "default_update"]
+__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "ALLOCATIONS", "default_update", "STEPS"]
 
 log = get_logger(__name__)
 
-ALLOCATIONS = ("magnitude", "obs", "uniform")
+ALLOCATIONS = ("magnitude", "obs", "uniform", "loss_curve")
 
 #: methods whose selection is not second-order: by default their weights are only masked, not updated,
 #: so that "magnitude" means plain magnitude pruning and "magnitude" + update is one flag away.
@@ -66,7 +66,9 @@ class PruneConfig:
     damping : λ > 0 (absolute, or relative to mean(diag F) with ``relative_damping``).
     block_mode, block_size : see :mod:`engine.blocks`.
     allocation : budget across blocks: "magnitude" (global |w| threshold), "obs" (global OBS-score
-        threshold), "uniform" (same sparsity in every block).
+        threshold), "uniform" (same sparsity in every block), "loss_curve" (each block's loss E_b(k) on a
+        grid of k, then the multiple-choice knapsack min Σ E_b(k_b) s.t. Σ k_b ≤ K solved exactly as a
+        HiGHS MILP; :mod:`engine.budget`).
     seed : seeds the sample draw and every solver.
     time_limit : per-block solver time limit in seconds (None: none).
     solver_params : constructor parameters of the method.
@@ -77,6 +79,18 @@ class PruneConfig:
     certify : attach the dual certificate (bound, gap) to every block.
     chunk_size : gradient rows vmapped at once.
     progress : progress bars (None: when stderr is a terminal).
+    stages : K >= 1. With K > 1 the model is pruned along ``schedule`` towards ``sparsity``
+        (:func:`formulations.allocation.sparsity_schedule`); every stage recomputes the gradients at the
+        current weights (new samples), keeps the weights already pruned at zero, and selects + updates
+        again (multi-stage one-shot pruning, as CHITA++; no SGD).
+    schedule : "linear", "exp" or "poly".
+    first_order : include the mean gradient in the quadratic model, g = (1/B)·mean of the gradient rows
+        (B = ``fisher_batch``; with mini-batch rows F_B ≈ F/B, so this keeps the model proportional to the
+        loss's second-order Taylor model, CHITA's α = 1/B). Then the update is also a damped Newton step.
+    step_search : after each stage, move from the masked weights towards the updated ones by the step
+        τ ∈ {1, ½, ¼, …, 1/32, 0} with the lowest training loss on the loss samples (a safeguard when the
+        quadratic model is trusted too far; τ = 1 is the plain update).
+    workers : blocks solved in parallel by this many processes (1: in this process).
     """
 
     sparsity: float
@@ -97,6 +111,11 @@ class PruneConfig:
     certify: bool = True
     chunk_size: int = 256
     progress: bool | None = None
+    stages: int = 1
+    schedule: str = "exp"
+    first_order: bool = False
+    step_search: bool = False
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,7 +126,7 @@ class PruneConfig:
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 <= s < 1) or math.isnan(s):
             raise invalid_option("sparsity", where, "in [0, 1)", s)
-        for name in ("fisher_samples", "fisher_batch", "chunk_size"):
+        for name in ("fisher_samples", "fisher_batch", "chunk_size", "stages", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise invalid_option(name, where, "an integer >= 1", repr(v))
@@ -130,6 +149,11 @@ class PruneConfig:
             raise invalid_option("time_limit", where, "None or a number > 0", repr(self.time_limit))
         if self.loss_samples is not None and (not isinstance(self.loss_samples, int) or self.loss_samples < 1):
             raise invalid_option("loss_samples", where, "None or an integer >= 1", repr(self.loss_samples))
+        if self.schedule not in SCHEDULES:
+            raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
+        for name in ("first_order", "step_search", "evaluate_update", "relative_damping", "certify"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
         if not isinstance(self.method, (str, SubsetSolver)) and not hasattr(self.method, "solve"):
             raise invalid_option("method", where, "a solver name or a SubsetSolver", repr(self.method))
 
@@ -169,8 +193,24 @@ class BlockRecord:
 
 
 @dataclass
+class StageRecord:
+    """One stage of a (multi-stage) run: its target sparsity, timings and the step taken."""
+
+    stage: int
+    sparsity: float
+    n_keep: int
+    objective_total: float
+    fisher_seconds: float
+    select_seconds: float
+    update_seconds: float
+    step: float = 1.0
+    train_loss: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PruneReport:
-    """Result of :func:`prune`: per-block records, timings, the masks written into the model."""
+    """Result of :func:`prune`: per-block records (of the last stage), per-stage records, timings, masks."""
 
     config: dict[str, Any]
     blocks: list[BlockRecord]
@@ -181,6 +221,7 @@ class PruneReport:
     select_seconds: float
     update_seconds: float
     prune_seconds: float
+    stages: list[StageRecord] = field(default_factory=list)
     masks: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     results: list[SolveResult] = field(repr=False, default_factory=list)
 
@@ -197,6 +238,7 @@ class PruneReport:
             "prune_seconds": self.prune_seconds,
             "objective_total": float(sum(b.objective for b in self.blocks)),
             "blocks": [asdict(b) for b in self.blocks],
+            "stages": [asdict(t) for t in self.stages],
         }
 
 
@@ -212,28 +254,53 @@ def _draw(inputs: torch.Tensor, count: int, seed: int, what: str) -> torch.Tenso
     return torch.randperm(inputs.shape[0], generator=gen)[:count]
 
 
+def _stage_seed(seed: int, stage: int) -> int:
+    """Seed of the sample draw of stage ``stage`` (0-based): stage 0 uses ``seed`` itself, so a one-stage
+    run draws exactly what it always drew; later stages draw fresh samples."""
+    return seed if stage == 0 else seed + 100_003 * stage
+
+
+def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000) -> float:
+    """Mean cross-entropy of ``model`` (eval mode, no gradients) on ``inputs``."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, inputs.shape[0], batch):
+                out = model(inputs[s : s + batch])
+                total += float(nn.functional.cross_entropy(out, targets[s : s + batch], reduction="sum"))
+                count += out.shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 class _BlockLoss:
     """``evaluate(support) -> training loss`` of the model with one block's weights masked.
 
-    Without ``problem`` the kept weights keep their values (the paper's choice: no update while
-    selecting). With ``problem`` the kept weights get the CBS-U update first, so masks are compared by
-    the loss they will really have (costly when k is large: one k×k or N×N solve per call).
-    The block's weights are written in place, the loss is computed without gradients, and the
-    original values are restored before returning (also on error).
+    ``support`` is over the block's *alive* weights (``positions``: their indices in the block's flat
+    vector; the others are already pruned and stay zero). Without ``problem`` the kept weights keep their
+    values (the paper's choice: no update while selecting). With ``problem`` the kept weights get the
+    CBS-U update first, so masks are compared by the loss they will really have (costly when k is large:
+    one k×k or N×N solve per call). The block's weights are written in place, the loss is computed without
+    gradients, and the original values are restored before returning (also on error).
     """
 
     def __init__(self, model: nn.Module, block: Block, inputs: torch.Tensor, targets: torch.Tensor,
-                 batch: int = 2000, problem: BlockProblem | None = None):
+                 positions: np.ndarray, batch: int = 2000, problem: BlockProblem | None = None):
         self.model, self.block, self.inputs, self.targets, self.batch = model, block, inputs, targets, batch
         self.problem = problem
+        self.positions = torch.from_numpy(np.asarray(positions, dtype=np.int64))
         self.params = {name: getattr(*resolve(model, name)) for name, _, _ in block.segments}
 
     def __call__(self, support: np.ndarray) -> float:
-        support = np.asarray(support, dtype=bool)
-        mask = torch.from_numpy(support)
+        mask = torch.zeros(self.block.n, dtype=torch.bool)
+        mask[self.positions] = torch.from_numpy(np.asarray(support, dtype=bool))
         updated = None
         if self.problem is not None:
-            updated = torch.from_numpy(batched_update([self.problem], [support])[0].weights)
+            updated = torch.zeros(self.block.n, dtype=torch.float64)
+            updated[self.positions] = torch.from_numpy(batched_update([self.problem], [support])[0].weights)
         saved = []
         offset = 0
         with torch.no_grad():
@@ -246,18 +313,74 @@ class _BlockLoss:
                         seg.copy_(updated[offset : offset + stop - start].to(seg.dtype))
                     seg.mul_(mask[offset : offset + stop - start].to(seg.dtype))
                     offset += stop - start
-                total, count = 0.0, 0
-                was_training = self.model.training
-                self.model.eval()
-                for s in range(0, self.inputs.shape[0], self.batch):
-                    out = self.model(self.inputs[s : s + self.batch])
-                    total += float(nn.functional.cross_entropy(out, self.targets[s : s + self.batch], reduction="sum"))
-                    count += out.shape[0]
-                self.model.train(was_training)
-                return total / count
+                return _mean_loss(self.model, self.inputs, self.targets, self.batch)
             finally:
                 for flat, start, stop, original in saved:
                     flat[start:stop] = original
+
+
+# ----------------------------------------------------------------------------- parallel solves
+#: (solver, problems, options) of the pool's current job; forked workers inherit it (no pickling of X)
+_POOL_JOB: tuple[Any, list[BlockProblem], list[SolveOptions]] | None = None
+
+
+def _pool_solve(i: int) -> tuple[int, SolveResult, float]:
+    solver, problems, options = _POOL_JOB  # type: ignore[misc]
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = solver.solve(problems[i], options[i])
+    return i, result, time.perf_counter() - start
+
+
+def _solve_blocks(solver: SubsetSolver, problems: list[BlockProblem], options: list[SolveOptions], workers: int,
+                  desc: str, show: bool | None) -> list[SolveResult]:
+    """Solve every block, in this process or in ``workers`` forked processes (results in block order)."""
+    global _POOL_JOB
+    results: list[SolveResult | None] = [None] * len(problems)
+    seconds = [0.0] * len(problems)
+    if workers > 1 and len(problems) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        _POOL_JOB = (solver, problems, options)
+        try:
+            # fork: workers share the problems' arrays copy-on-write instead of receiving pickled copies
+            with ProcessPoolExecutor(max_workers=min(workers, len(problems)), mp_context=mp.get_context("fork")) as pool:
+                # largest blocks first, so a long one does not start last
+                order = sorted(range(len(problems)), key=lambda i: -problems[i].n)
+                for i, result, elapsed in progress(pool.map(_pool_solve, order), total=len(order), desc=desc,
+                                                   enabled=show):
+                    results[i], seconds[i] = result, elapsed
+        finally:
+            _POOL_JOB = None
+    else:
+        for i in progress(range(len(problems)), total=len(problems), desc=desc, enabled=show):
+            start = time.perf_counter()
+            results[i] = solver.solve(problems[i], options[i])
+            seconds[i] = time.perf_counter() - start
+    for r, t in zip(results, seconds):
+        if not r.wall_time:  # type: ignore[union-attr]
+            r.wall_time = t  # type: ignore[union-attr]
+    return results  # type: ignore[return-value]
+
+
+def _budget(config: PruneConfig, problems: list[BlockProblem], n_keep: int, dead: int) -> tuple[list[int], dict]:
+    """k_b of every block (over its alive weights) so that Σ k_b = n_keep; ``dead`` weights are already
+    pruned. Returns (ks, details for the record)."""
+    if len(problems) == 1:
+        return [n_keep], {}
+    if config.allocation == "uniform":
+        return allocate_uniform([p.n for p in problems], n_keep), {}
+    if config.allocation == "obs":
+        from .solvers.woodfisher import obs_scores  # heavy only when asked for
+
+        return allocate_global([obs_scores(p) for p in problems], n_keep), {}
+    if config.allocation == "loss_curve":
+        from .budget import loss_curve_allocation
+
+        alloc = loss_curve_allocation(problems, n_keep)
+        return alloc.n_keep, alloc.summary()
+    return allocate_global([np.abs(p.weights) for p in problems], n_keep), {}
 
 
 def prune(
@@ -267,17 +390,21 @@ def prune(
     train_targets: torch.Tensor,
     config: PruneConfig,
     on_block: Callable[[BlockRecord], None] | None = None,
+    on_stage: Callable[[StageRecord, nn.Module], None] | None = None,
 ) -> PruneReport:
-    """Prune ``parameter_names`` of ``model`` in one shot; the model is edited in place (all or nothing).
+    """Prune ``parameter_names`` of ``model`` in one shot (or in ``config.stages`` stages); the model is
+    edited in place (all or nothing: on an error it is restored).
 
     Parameters
     ----------
     model : a torch module (evaluated in eval mode for gradients and losses).
     parameter_names : the prunable parameters (e.g. from ``engine.models.prunable_parameters``).
     train_inputs, train_targets : training data (M, ...) and labels (M,) from which the Fisher samples
-        (and the loss samples of the ``cbs`` method) are drawn with ``config.seed``.
+        (and the loss samples) are drawn with ``config.seed``.
     config : :class:`PruneConfig`.
-    on_block : called with each finished block's record (progress reporting, resumable logs).
+    on_block : called with each finished block's record of the last stage (progress, resumable logs).
+    on_stage : called after every stage but the last with its record and the model, whose weights are then
+        the stage's (pruned weights zero, no masks yet): e.g. to re-estimate BatchNorm or log accuracy.
     """
     if not isinstance(config, PruneConfig):
         raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
@@ -288,73 +415,152 @@ def prune(
     solver = get_solver(config.method, **config.solver_params)
     if hasattr(solver, "ensure_available"):
         solver.ensure_available()
+    rows = config.fisher_samples * config.fisher_batch
+    _draw(train_inputs, rows, config.seed, "fisher_samples")  # too many samples: fail before any work
+    if config.loss_samples is not None:
+        _draw(train_inputs, config.loss_samples, config.seed, "loss_samples")
+
+    original = {n: params[n].detach().clone() for n in parameter_names}
+    alive = {n: torch.ones(params[n].numel(), dtype=torch.bool) for n in parameter_names}
+    schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
+    stages: list[StageRecord] = []
+    totals = {"fisher": 0.0, "select": 0.0, "update": 0.0, "prune": 0.0}
+    try:
+        for t, target in enumerate(schedule):
+            last = t == len(schedule) - 1
+            outcome = _run_stage(model, parameter_names, train_inputs, train_targets, config, solver, t, target,
+                                 alive, last)
+            stages.append(outcome.record)
+            for key in totals:
+                totals[key] += getattr(outcome, key)
+            if last:
+                break
+            _write_weights(model, parameter_names, outcome.values)
+            alive = outcome.alive
+            if on_stage is not None:
+                on_stage(outcome.record, model)
+    except BaseException:
+        _write_weights(model, parameter_names, {n: v.reshape(-1) for n, v in original.items()})
+        raise
+    values = {n: outcome.values[n].reshape(original[n].shape) for n in parameter_names}
+    masks = {n: outcome.alive[n].reshape(original[n].shape) for n in parameter_names}
+    _write_weights(model, parameter_names, {n: v.reshape(-1) for n, v in original.items()})
+    apply_pruning(model, values, masks)
+    if on_block is not None:
+        for rec in outcome.blocks:
+            on_block(rec)
+    kept = sum(int(m.sum()) for m in masks.values())
+    n_total = sum(m.numel() for m in masks.values())
+    log.info("pruned %d of %d weights in %.1f s (%d stage%s)", n_total - kept, n_total, totals["prune"],
+             len(stages), "s" if len(stages) > 1 else "")
+    return PruneReport(
+        config=config.to_dict(), blocks=outcome.blocks, n_total=n_total, n_keep=kept,
+        achieved_sparsity=1.0 - kept / n_total, fisher_seconds=totals["fisher"], select_seconds=totals["select"],
+        update_seconds=totals["update"], prune_seconds=totals["prune"], stages=stages, masks=masks,
+        results=outcome.results,
+    )
+
+
+def _write_weights(model: nn.Module, names: list[str], flat: dict[str, torch.Tensor]) -> None:
+    """Copy flat weight vectors into the (unmasked) parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].view(-1).copy_(flat[n].to(params[n].dtype))
+
+
+@dataclass
+class _StageOutcome:
+    record: StageRecord
+    blocks: list[BlockRecord]
+    results: list[SolveResult]
+    values: dict[str, torch.Tensor]  # flat new weights per parameter (zeros where pruned)
+    alive: dict[str, torch.Tensor]  # flat bool masks after the stage
+    fisher: float
+    select: float
+    update: float
+    prune: float
+
+
+def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, train_targets: torch.Tensor,
+               config: PruneConfig, solver: SubsetSolver, stage: int, target: float,
+               alive: dict[str, torch.Tensor], last: bool) -> _StageOutcome:
+    """One stage: gradients at the current weights → blocks over the alive weights → budget → select →
+    update → (step search) → the stage's weights and masks (not yet written into the model)."""
     show = config.progress
+    params = dict(model.named_parameters())
+    seed = _stage_seed(config.seed, stage)
+    tag = f" stage {stage + 1}/{config.stages}" if config.stages > 1 else ""
 
     # ---- gradients
     t0 = time.perf_counter()
-    idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, config.seed, "fisher_samples")
+    idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
     x, y = train_inputs[idx], train_targets[idx]
     grads = per_sample_gradients(
-        model, parameter_names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
+        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
     )
     blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
     cap = solver.capabilities
-    if cap.max_size is not None and max(b.n for b in blocks) > cap.max_size:
+    values = {n: params[n].detach() for n in names}
+    positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]
+    if cap.max_size is not None and max(p.size for p in positions) > cap.max_size:
         raise InvalidOptionError(
             f"Method '{solver.name}' accepts blocks of at most {cap.max_size} weights; the largest block has "
-            f"{max(b.n for b in blocks)}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
+            f"{max(p.size for p in positions)}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
         )
-    values = {n: params[n].detach() for n in parameter_names}
     scale = 1.0 / math.sqrt(grads.n_rows)
     problems: list[BlockProblem] = []
-    for b in blocks:
-        Xt = b.gather_columns(grads.rows).mul_(scale)  # a fresh (N, n_b) float32 tensor, scaled in place
+    for b, pos in zip(blocks, positions):
+        if len(blocks) == 1 and pos.size == grads.buffer.shape[1]:
+            Xt = grads.buffer  # the whole network, nothing pruned yet: use the gradient buffer itself
+        else:
+            Xt = b.gather_columns(grads.rows)  # a fresh (N, n_b) float32 tensor
+            if pos.size < b.n:
+                Xt = Xt[:, torch.from_numpy(pos)]
+        Xt.mul_(scale)
         lam = config.damping
         if config.relative_damping:
             # λ = δ · mean(diag F), accumulated in float64 over column chunks (no float64 copy of X)
             diag_sum = sum(float(Xt[:, s : s + 4096].double().pow(2).sum()) for s in range(0, Xt.shape[1], 4096))
-            lam = config.damping * diag_sum / Xt.shape[1] if diag_sum > 0 else config.damping
-        w = b.gather_values(values).to(torch.float64).numpy()
-        problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), label=b.label))
+            lam = config.damping * diag_sum / max(Xt.shape[1], 1) if diag_sum > 0 else config.damping
+        g = None
+        if config.first_order:
+            # mean row = Σ_i X_i / √N (X = G/√N), scaled by 1/B (see PruneConfig.first_order)
+            col_sum = torch.cat([Xt[:, s : s + 4096].double().sum(0) for s in range(0, Xt.shape[1], 4096)])
+            g = (col_sum * (math.sqrt(grads.n_rows) / grads.n_rows / config.fisher_batch)).numpy()
+        w = b.gather_values(values).to(torch.float64).numpy()[pos]
+        problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), gradient=g, label=b.label))
     del grads
     fisher_seconds = time.perf_counter() - t0
 
-    # ---- budget
-    n_total = sum(p.n for p in problems)
-    n_keep = n_keep_for(n_total, config.sparsity)
-    if len(problems) == 1:
-        ks = [n_keep]
-    elif config.allocation == "uniform":
-        ks = allocate_uniform([p.n for p in problems], n_keep)
-    elif config.allocation == "obs":
-        from .solvers.woodfisher import obs_scores  # heavy only when asked for
-
-        ks = allocate_global([obs_scores(p) for p in problems], n_keep)
-    else:
-        ks = allocate_global([np.abs(p.weights) for p in problems], n_keep)
+    # ---- budget (over the alive weights; the dead ones are already counted as pruned)
+    n_total = sum(b.n for b in blocks)
+    n_keep = n_keep_for(n_total, target)
+    n_alive = sum(p.n for p in problems)
+    n_keep = min(n_keep, n_alive)
+    t_budget = time.perf_counter()
+    ks, budget_info = _budget(config, problems, n_keep, n_total - n_alive)
     problems = [p.with_n_keep(k) for p, k in zip(problems, ks)]
+    budget_seconds = time.perf_counter() - t_budget
 
     # ---- select
     loss_x, loss_y = x, y
     if config.loss_samples is not None:
-        lidx = _draw(train_inputs, config.loss_samples, config.seed, "loss_samples")
+        lidx = _draw(train_inputs, config.loss_samples, seed, "loss_samples")
         loss_x, loss_y = train_inputs[lidx], train_targets[lidx]
     t1 = time.perf_counter()
-    results: list[SolveResult] = []
-    for b, p in progress(list(zip(blocks, problems)), total=len(blocks), desc=f"select ({solver.name})", enabled=show):
-        options = SolveOptions(
+    options = [
+        SolveOptions(
             time_limit=config.time_limit,
             seed=config.seed,
             progress=bool(show) and len(blocks) == 1,
-            evaluate=_BlockLoss(model, b, loss_x, loss_y, problem=p if config.evaluate_update else None),
+            evaluate=_BlockLoss(model, b, loss_x, loss_y, pos, problem=p if config.evaluate_update else None),
             certify=config.certify,
         )
-        start = time.perf_counter()
-        result = solver.solve(p, options)
-        if not result.wall_time:
-            result.wall_time = time.perf_counter() - start
-        results.append(result)
-    select_seconds = time.perf_counter() - t1
+        for b, p, pos in zip(blocks, problems, positions)
+    ]
+    results = _solve_blocks(solver, problems, options, config.workers, f"select ({solver.name}){tag}", show)
+    select_seconds = time.perf_counter() - t1 + budget_seconds
 
     # ---- update (also scores E(S) for the record when the update is not applied)
     t2 = time.perf_counter()
@@ -364,35 +570,69 @@ def prune(
     for b, p, r, u in zip(blocks, problems, results, updates):
         check_result(p, r, solver, objective=u.objective, residual=u.residual, certify=config.certify)
         r.weights = u.weights
-        rec = BlockRecord(
+        records.append(BlockRecord(
             label=b.label, n=p.n, k=p.n_keep, objective=r.objective, bound=r.bound, gap=r.gap,
             status=r.status.value, termination=r.termination.value, solve_seconds=r.wall_time,
             extra={k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
-        )
-        records.append(rec)
-        if on_block is not None:
-            on_block(rec)
+        ))
 
-    # ---- write (compute everything, then one transactional edit)
-    new_flat = {n: values[n].reshape(-1).clone() for n in parameter_names}
-    mask_flat = {n: torch.ones(values[n].numel(), dtype=torch.bool) for n in parameter_names}
-    for b, p, r in zip(blocks, problems, results):
-        v = torch.from_numpy(r.weights if config.applies_update else np.where(r.support, p.weights, 0.0))
-        m = torch.from_numpy(r.support)
+    # ---- the stage's weights: masked (kept weights unchanged) and updated, per parameter
+    masked = {n: values[n].reshape(-1).clone() for n in names}
+    updated = {n: values[n].reshape(-1).clone() for n in names}
+    new_alive = {n: alive[n].clone() for n in names}
+    for b, p, r, pos in zip(blocks, problems, results, positions):
+        keep = np.zeros(b.n, dtype=bool)
+        keep[pos[r.support]] = True
+        v = np.zeros(b.n)
+        v[pos] = r.weights if config.applies_update else np.where(r.support, p.weights, 0.0)
+        m = torch.from_numpy(keep)
+        vt = torch.from_numpy(v)
         offset = 0
         for name, start, stop in b.segments:
             size = stop - start
-            new_flat[name][start:stop] = v[offset : offset + size].to(new_flat[name].dtype)
-            mask_flat[name][start:stop] = m[offset : offset + size]
+            seg_mask = m[offset : offset + size]
+            new_alive[name][start:stop] = seg_mask
+            updated[name][start:stop] = vt[offset : offset + size].to(updated[name].dtype)
+            masked[name][start:stop] = masked[name][start:stop] * seg_mask.to(masked[name].dtype)
             offset += size
-    new = {n: new_flat[n].reshape(values[n].shape) for n in parameter_names}
-    masks = {n: mask_flat[n].reshape(values[n].shape) for n in parameter_names}
-    apply_pruning(model, new, masks)
-    kept = sum(int(m.sum()) for m in masks.values())
+
+    step, train_loss = 1.0, None
+    if config.step_search and config.applies_update:
+        step, train_loss = _step_search(model, names, masked, updated, loss_x, loss_y)
+        if step != 1.0:
+            updated = {n: masked[n] + step * (updated[n] - masked[n]) for n in names}
+    kept = sum(int(m.sum()) for m in new_alive.values())
     prune_seconds = select_seconds + (update_seconds if config.applies_update else 0.0)
-    log.info("pruned %d of %d weights in %.1f s", n_total - kept, n_total, prune_seconds)
-    return PruneReport(
-        config=config.to_dict(), blocks=records, n_total=n_total, n_keep=kept,
-        achieved_sparsity=1.0 - kept / n_total, fisher_seconds=fisher_seconds, select_seconds=select_seconds,
-        update_seconds=update_seconds, prune_seconds=prune_seconds, masks=masks, results=results,
+    record = StageRecord(
+        stage=stage + 1, sparsity=float(target), n_keep=kept, objective_total=float(sum(r.objective for r in records)),
+        fisher_seconds=fisher_seconds, select_seconds=select_seconds, update_seconds=update_seconds, step=step,
+        train_loss=train_loss, extra=budget_info,
     )
+    log.info("stage %d: sparsity %.4f, %d kept, E = %.4g, step %.3g", stage + 1, target, kept,
+             record.objective_total, step)
+    return _StageOutcome(record, records, results, updated, new_alive, fisher_seconds, select_seconds,
+                         update_seconds, prune_seconds)
+
+
+#: steps tried by the step search, largest first (τ = 1 is the plain update, τ = 0 the masked weights)
+STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
+
+
+def _step_search(model: nn.Module, names: list[str], masked: dict[str, torch.Tensor],
+                 updated: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """The step τ ∈ STEPS with the lowest training loss at masked + τ (updated − masked); (τ, loss).
+
+    Both end points have the same support, so every candidate has the stage's sparsity. The model's
+    weights are restored before returning."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().reshape(-1).clone() for n in names}
+    best = (math.inf, 1.0)
+    try:
+        for tau in STEPS:
+            _write_weights(model, names, {n: masked[n] + tau * (updated[n] - masked[n]) for n in names})
+            value = _mean_loss(model, inputs, targets)
+            if value < best[0] - 1e-12:
+                best = (value, tau)
+    finally:
+        _write_weights(model, names, saved)
+    return best[1], best[0]

@@ -13,7 +13,10 @@ import numpy as np
 
 from .errors import InvalidProblemError
 
-__all__ = ["allocate_global", "allocate_uniform", "n_keep_for"]
+__all__ = ["allocate_global", "allocate_uniform", "n_keep_for", "sparsity_schedule", "SCHEDULES"]
+
+#: sparsity schedules of multi-stage pruning
+SCHEDULES = ("linear", "exp", "poly")
 
 
 def n_keep_for(n_total: int, sparsity: float) -> int:
@@ -52,3 +55,39 @@ def allocate_uniform(sizes: list[int], n_keep: int) -> list[int]:
     order = np.argsort(-(exact - base), kind="stable")
     base[order[:rest]] += 1
     return [int(min(b, s)) for b, s in zip(base, sizes)]
+
+
+def sparsity_schedule(target: float, stages: int, kind: str = "exp", start: float = 0.0) -> list[float]:
+    """Sparsity after each of ``stages`` stages, ending exactly at ``target`` (s_0 = ``start``, t = 1..K).
+
+    - ``linear``: s_t = s_0 + (s − s_0) t/K;
+    - ``exp``:    1 − s_t = (1 − s_0)^{1 − t/K} (1 − s)^{t/K}: the kept fraction shrinks by the same factor
+      every stage;
+    - ``poly``:   s_t = s − (s − s_0)(1 − t/K)³ (Zhu & Gupta's cubic schedule: large steps first, small
+      steps near the target, where each removal costs most).
+    """
+    if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)) or stages < 1:
+        raise InvalidProblemError(f"The 'stages' argument of sparsity_schedule() must be an integer >= 1. Got {stages!r}.")
+    if kind not in SCHEDULES:
+        raise InvalidProblemError(
+            f"The 'kind' argument of sparsity_schedule() must be one of {', '.join(SCHEDULES)}. Got {kind!r}."
+        )
+    for name, value in (("target", target), ("start", start)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise InvalidProblemError(f"The '{name}' argument of sparsity_schedule() must be in [0, 1). Got {value!r}.")
+    if start > target:
+        raise InvalidProblemError(
+            f"The 'start' argument of sparsity_schedule() must be at most target = {target}. Got {start}."
+        )
+    out = []
+    for t in range(1, int(stages) + 1):
+        f = t / stages
+        if kind == "linear":
+            s = start + (target - start) * f
+        elif kind == "exp":
+            s = 1.0 - (1.0 - start) ** (1.0 - f) * (1.0 - target) ** f
+        else:
+            s = target - (target - start) * (1.0 - f) ** 3
+        out.append(float(s))
+    out[-1] = float(target)
+    return out

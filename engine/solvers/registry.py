@@ -30,6 +30,7 @@ _BUILTIN: dict[str, str] = {
     "greedy": "engine.solvers.greedy:GreedySolver",
     "cbs": "engine.solvers.local_search:CBSSolver",
     "iht": "engine.solvers.iht:IHTSolver",
+    "swap": "engine.solvers.swap:SwapSolver",
     "brute_force": "engine.solvers.brute_force:BruteForceSolver",
     "bnb": "engine.solvers.branch_and_bound:BranchAndBoundSolver",
     "highs": "engine.solvers.highs:HighsSolver",

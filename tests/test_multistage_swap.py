@@ -1,0 +1,282 @@
+"""Issue 4: the update-aware swap search (against brute force and a fresh factorisation), the sparsity
+schedules, multi-stage pruning, the first-order term, the step search, parallel blocks and the files
+`cbs prune` writes."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.data import load_digits
+from engine.demo import train_small_mlp
+from engine.errors import InvalidOptionError
+from engine.fisher import per_sample_gradients
+from engine.models import prunable_parameters
+from engine.options import SolveOptions
+from engine.pruner import STEPS, PruneConfig, _mean_loss, prune
+from engine.result import SolveResult
+from engine.solve import solve_block
+from engine.solvers.base import Capabilities, SubsetSolver
+from engine.solvers.swap import SwapSolver, _State
+from formulations.allocation import sparsity_schedule
+from formulations.errors import InvalidProblemError
+from formulations.objective import optimal_update
+from random_problems import make_problem
+
+
+# ----------------------------------------------------------------------------- swap solver
+@pytest.mark.parametrize("kind", ["well", "ill"])
+@pytest.mark.parametrize("with_gradient", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_is_never_below_brute_force_and_never_worse_than_its_start(kind, with_gradient, seed):
+    p = make_problem(11, 5, seed, kind, with_gradient)
+    best = solve_block(p, "brute_force").objective
+    start = solve_block(p, "magnitude").objective
+    r = solve_block(p, "swap")
+    assert r.objective >= best - 1e-9 * max(1.0, abs(best))
+    assert r.objective <= start + 1e-12 * max(1.0, abs(start))
+    assert r.extra["start_objective"] == pytest.approx(start, rel=1e-9, abs=1e-12)
+
+
+def test_swap_finds_the_optimum_on_well_conditioned_blocks():
+    hits = 0
+    for seed in range(10):
+        p = make_problem(12, 6, seed, "well")
+        hits += solve_block(p, "swap").objective <= solve_block(p, "brute_force").objective * (1 + 1e-9)
+    assert hits >= 9
+
+
+@pytest.mark.parametrize("with_gradient", [False, True])
+def test_swap_state_matches_a_fresh_factorisation_after_many_swaps(with_gradient):
+    """Every accepted swap lowers E by exactly the predicted ΔE, and the low-rank-updated A, v, r equal
+    those of a fresh Cholesky on the final support."""
+    p = make_problem(40, 12, 3, "ill", with_gradient)
+    g = p.gradient if p.gradient is not None else np.zeros(p.n)
+    rng = np.random.default_rng(0)
+    state = _State(p.factor, p.weights, p.damping, g, p.target(), np.sort(rng.choice(p.n, 12, replace=False)))
+    before = state.objective()
+    made = 0
+    for candidate in rng.permutation(p.n):
+        if candidate in state.idx:
+            continue
+        value = state.objective()
+        if state.try_swap(int(candidate), 0.0):
+            made += 1
+            assert state.objective() < value
+    assert made >= 3 and state.objective() < before
+    support = np.zeros(p.n, dtype=bool)
+    support[state.idx] = True
+    ref = optimal_update(p, support)
+    assert state.objective() == pytest.approx(ref.objective, rel=1e-8)
+    np.testing.assert_allclose(state.v, ref.weights[state.idx], rtol=1e-7, atol=1e-9)
+    H = p.dense_hessian()[np.ix_(state.idx, state.idx)]
+    np.testing.assert_allclose(state.A, np.linalg.inv(H), rtol=1e-6, atol=1e-8 * np.abs(state.A).max())
+
+
+def test_swap_rejects_bad_parameters():
+    with pytest.raises(InvalidOptionError, match="'candidates'"):
+        SwapSolver(candidates=0)
+    with pytest.raises(InvalidOptionError, match="'start'"):
+        SwapSolver(start="swap")
+    with pytest.raises(InvalidOptionError, match="'tol'"):
+        SwapSolver(tol=-1.0)
+
+
+def test_swap_returns_its_start_above_max_keep():
+    p = make_problem(12, 6, 0, "well")
+    with pytest.warns(UserWarning, match="max_keep"):
+        r = solve_block(p, SwapSolver(max_keep=5))
+    assert r.extra["skipped"] == "k above max_keep"
+    assert np.array_equal(r.support, solve_block(p, "magnitude").support)
+
+
+# ----------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("kind", ["linear", "exp", "poly"])
+def test_schedule_is_increasing_and_ends_at_the_target(kind):
+    s = sparsity_schedule(0.9, 7, kind)
+    assert len(s) == 7 and s[-1] == 0.9
+    assert all(a < b for a, b in zip(s, s[1:])) and s[0] > 0
+    assert sparsity_schedule(0.9, 1, kind) == [0.9]
+
+
+def test_schedule_shapes():
+    lin, ex, poly = (sparsity_schedule(0.8, 4, k) for k in ("linear", "exp", "poly"))
+    np.testing.assert_allclose(lin, [0.2, 0.4, 0.6, 0.8])
+    kept = 1 - np.array(ex)
+    np.testing.assert_allclose(kept[1:] / kept[:-1], kept[0])  # the same factor every stage
+    np.testing.assert_allclose(poly, [0.8 - 0.8 * (1 - t / 4) ** 3 for t in range(1, 5)])
+
+
+@pytest.mark.parametrize("args, match", [((0.9, 0, "exp"), "'stages'"), ((0.9, 3, "cubic"), "'kind'"),
+                                         ((1.0, 3, "exp"), "'target'")])
+def test_schedule_rejects_bad_input(args, match):
+    with pytest.raises(InvalidProblemError, match=match):
+        sparsity_schedule(*args)
+
+
+# ----------------------------------------------------------------------------- multi-stage pruner
+@pytest.fixture(scope="module")
+def trained():
+    model, _ = train_small_mlp(epochs=60, seed=0)
+    x, y = load_digits("train")
+    return model, x, y
+
+
+def _names(model):
+    return [n for n, _ in prunable_parameters(model)]
+
+
+def test_multistage_keeps_pruned_weights_pruned_and_reaches_the_target(trained):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = _names(model)
+    seen = []
+
+    def on_stage(stage, staged):
+        flat = torch.cat([dict(staged.named_parameters())[n].detach().reshape(-1) for n in names])
+        seen.append((stage.sparsity, flat != 0))
+
+    config = PruneConfig(sparsity=0.8, method="magnitude", update=True, fisher_samples=200, block_mode="layer",
+                         stages=3, schedule="linear")
+    report = prune(model, names, x, y, config, on_stage=on_stage)
+    assert [s.sparsity for s in report.stages] == pytest.approx([0.8 / 3, 1.6 / 3, 0.8])
+    assert [s.n_keep for s in report.stages] == sorted((s.n_keep for s in report.stages), reverse=True)
+    assert report.n_keep == round(0.2 * report.n_total)
+    assert len(seen) == 2  # called after every stage but the last
+    final = torch.cat([report.masks[n].reshape(-1) for n in names])
+    for _, alive in seen:  # nested supports: what a stage pruned stays pruned
+        assert not torch.any(final & ~alive)
+    assert not torch.any(seen[1][1] & ~seen[0][1])
+
+
+def test_multistage_failure_restores_the_model(trained):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = _names(model)
+    before = copy.deepcopy(model.state_dict())
+
+    class FailsSecond(SubsetSolver):
+        name = "fails_second"
+        capabilities = Capabilities()
+
+        def __init__(self):
+            self.calls = 0
+
+        def solve(self, problem, options, warm_start=None):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("boom in stage 2")
+            return SolveResult(support=np.argsort(-np.abs(problem.weights))[: problem.n_keep])
+
+    with pytest.raises(RuntimeError, match="boom"):
+        prune(model, names, x, y, PruneConfig(sparsity=0.7, method=FailsSecond(), update=True, fisher_samples=100,
+                                              block_mode="whole", stages=2))
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        assert torch.equal(after[k], before[k])
+
+
+def test_first_order_term_is_the_mean_gradient(trained):
+    """With first_order the block's g equals autograd's gradient of the mean loss (B = 1), or 1/B of it
+    with mini-batch rows: checked through a solver that records the problems it is given."""
+    base, x, y = trained
+    names = _names(base)
+    got = []
+
+    class Record(SubsetSolver):
+        name = "record"
+        capabilities = Capabilities()
+
+        def solve(self, problem, options, warm_start=None):
+            got.append(problem.gradient.copy())
+            return SolveResult(support=np.argsort(-np.abs(problem.weights))[: problem.n_keep])
+
+    for batch in (1, 4):
+        got.clear()
+        model = copy.deepcopy(base)
+        config = PruneConfig(sparsity=0.5, method=Record(), update=True, fisher_samples=50, fisher_batch=batch,
+                             block_mode="whole", first_order=True, seed=3)
+        prune(model, names, x, y, config)
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3))[: 50 * batch]
+        ref_model = copy.deepcopy(base)
+        loss = torch.nn.functional.cross_entropy(ref_model(x[idx]), y[idx])
+        params = dict(ref_model.named_parameters())
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        ref = torch.cat([g.reshape(-1) for g in grads]).double().numpy() / batch
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_step_search_never_raises_the_training_loss(trained):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = _names(model)
+    config = PruneConfig(sparsity=0.6, method="magnitude", update=True, fisher_samples=200, block_mode="whole",
+                         first_order=True, step_search=True, damping=1e-4, seed=2)
+    report = prune(model, names, x, y, config)
+    (stage,) = report.stages
+    assert stage.step in STEPS
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))[:200]
+    # the chosen step's loss is the lowest of the grid: at most that of the masked weights (τ = 0)
+    masked = copy.deepcopy(base)
+    with torch.no_grad():
+        for n in names:
+            p = dict(masked.named_parameters())[n]
+            p.mul_(report.masks[n].to(p.dtype))
+    assert stage.train_loss <= _mean_loss(masked, x[idx], y[idx]) + 1e-9
+    assert _mean_loss(model, x[idx], y[idx]) == pytest.approx(stage.train_loss, rel=1e-5)
+
+
+def test_workers_give_the_same_masks(trained):
+    base, x, y = trained
+    names = _names(base)
+    out = []
+    for workers in (1, 2):
+        model = copy.deepcopy(base)
+        config = PruneConfig(sparsity=0.7, method="swap", fisher_samples=200, block_mode="layer", workers=workers)
+        out.append(prune(model, names, x, y, config))
+    for n in names:
+        assert torch.equal(out[0].masks[n], out[1].masks[n])
+    assert [b.objective for b in out[0].blocks] == pytest.approx([b.objective for b in out[1].blocks], rel=1e-9)
+
+
+@pytest.mark.parametrize("field, value, match", [("stages", 0, "'stages'"), ("workers", 0, "'workers'"),
+                                                 ("schedule", "cubic", "'schedule'"), ("first_order", 1, "'first_order'")])
+def test_config_rejects_bad_multistage_settings(field, value, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        PruneConfig(sparsity=0.5, **{field: value})
+
+
+@pytest.mark.parametrize("argv, match", [(["--stages", "0"], "--stages"), (["--schedule", "cubic"], "--schedule"),
+                                         (["--workers", "-1"], "--workers")])
+def test_cli_rejects_bad_multistage_flags(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--out", str(tmp_path)] + argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_multistage_writes_mask_and_model(shared_data, tmp_path):
+    out = tmp_path / "run"
+    code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.9", "--method",
+                 "magnitude", "--update", "--fisher-samples", "64", "--fisher-batch", "4", "--block-mode", "whole",
+                 "--stages", "3", "--schedule", "poly", "--first-order", "--step-search", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "record.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == [1, 2, 3]
+    assert all("accuracy" in s for s in record["stages"][:2])
+    mask = torch.load(out / "mask.pt")
+    from engine.models import build_model
+
+    plain = build_model("mlpnet")
+    plain.load_state_dict(torch.load(out / "model.pt"), strict=True)
+    params = dict(plain.named_parameters())
+    kept = sum(int(m.sum()) for m in mask.values())
+    assert kept == record["n_keep"] == round(0.1 * 32360)
+    for n, m in mask.items():
+        assert m.shape == params[n].shape and m.dtype == torch.bool
+        assert torch.all(params[n][~m] == 0)
