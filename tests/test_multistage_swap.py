@@ -59,13 +59,13 @@ def test_swap_state_matches_a_fresh_factorisation_after_many_swaps(with_gradient
     state = _State(p.factor, p.weights, p.damping, g, p.target(), np.sort(rng.choice(p.n, 12, replace=False)))
     before = state.objective()
     made = 0
-    for candidate in rng.permutation(p.n):
-        if candidate in state.idx:
-            continue
-        value = state.objective()
-        if state.try_swap(int(candidate), 0.0):
-            made += 1
-            assert state.objective() < value
+    for _ in range(3):
+        state.prepare(np.setdiff1d(rng.permutation(p.n), state.idx)[:10])
+        for i in range(10):
+            value = state.objective()
+            if state.try_candidate(i, 0.0):
+                made += 1
+                assert state.objective() < value
     assert made >= 3 and state.objective() < before
     support = np.zeros(p.n, dtype=bool)
     support[state.idx] = True
@@ -280,3 +280,60 @@ def test_cli_multistage_writes_mask_and_model(shared_data, tmp_path):
     for n, m in mask.items():
         assert m.shape == params[n].shape and m.dtype == torch.bool
         assert torch.all(params[n][~m] == 0)
+
+
+# ----------------------------------------------------------------------------- loss-curve budget
+def test_knapsack_at_most_matches_enumeration():
+    import itertools
+
+    from engine.solvers.highs import solve_budget_allocation
+
+    rng = np.random.default_rng(0)
+    curves = []
+    for _ in range(4):
+        ks = np.sort(rng.choice(np.arange(0, 30), 5, replace=False))
+        es = np.sort(rng.random(5))[::-1] * rng.uniform(0.5, 3)  # decreasing in k
+        curves.append((ks, es))
+    for total in (20, 37, 61):
+        got = solve_budget_allocation(curves, total, at_most=True)
+        best = min(
+            (sum(c[1][j] for c, j in zip(curves, choice)), choice)
+            for choice in itertools.product(range(5), repeat=4)
+            if sum(c[0][j] for c, j in zip(curves, choice)) <= total
+        )
+        value = sum(c[1][list(c[0]).index(k)] for c, k in zip(curves, got))
+        assert value == pytest.approx(best[0], rel=1e-9)
+        assert sum(got) <= total
+
+
+def test_loss_curve_allocation_sums_to_the_budget_and_beats_the_magnitude_split(trained):
+    from engine.budget import loss_curve_allocation
+
+    base, x, y = trained
+    names = _names(base)
+    grads = per_sample_gradients(base, names, x[:300], y[:300])
+    params = dict(base.named_parameters())
+    problems = []
+    from formulations.problem import BlockProblem
+
+    for n in names:
+        X = (grads.rows[n] / np.sqrt(300)).numpy()
+        problems.append(BlockProblem(params[n].detach().reshape(-1).double().numpy(), 0, 1e-3, factor=X, label=n))
+    total = sum(p.n for p in problems)
+    K = round(0.25 * total)
+    alloc = loss_curve_allocation(problems, K)
+    assert sum(alloc.n_keep) == K
+    assert all(0 <= k <= p.n for k, p in zip(alloc.n_keep, problems))
+    assert alloc.objective <= alloc.extra["magnitude_share_objective"] + 1e-12
+    with pytest.raises(InvalidOptionError, match="'n_keep'"):
+        loss_curve_allocation(problems, total + 1)
+
+
+def test_prune_with_loss_curve_allocation(trained):
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = _names(model)
+    report = prune(model, names, x, y, PruneConfig(sparsity=0.75, method="woodfisher", fisher_samples=200,
+                                                   block_mode="layer", allocation="loss_curve"))
+    assert report.n_keep == round(0.25 * report.n_total)
+    assert report.stages[0].extra["allocation"] == "loss_curve"

@@ -349,9 +349,13 @@ def _solution(hp, values: np.ndarray):
 
 # --------------------------------------------------------------------------------- budget allocation
 def solve_budget_allocation(
-    curves: Sequence[tuple[Sequence[int], Sequence[float]]], total_k: int, time_limit: float | None = None
+    curves: Sequence[tuple[Sequence[int], Sequence[float]]], total_k: int, time_limit: float | None = None,
+    at_most: bool = False,
 ) -> list[int]:
     """Choose one grid point per block so that Σ_b k_b = total_k and Σ_b E_b(k_b) is least (HiGHS MILP).
+
+    With ``at_most`` the budget row is Σ_b k_b ≤ total_k instead (always feasible when the smallest grid
+    points fit), for callers that hand out the remainder themselves.
 
     curves : one (ks, Es) per block: the grid of budgets (non-negative integers) and the block's loss E_b(k)
         there (finite floats), same length ≥ 1. Variables x_{b,j} ∈ {0,1}: Σ_j x_{b,j} = 1 per block,
@@ -411,7 +415,7 @@ def solve_budget_allocation(
     for b in range(B):
         idx = np.flatnonzero(bv == b).astype(np.int32)
         h.addRow(1.0, 1.0, idx.size, idx, np.ones(idx.size))
-    h.addRow(float(total_k), float(total_k), nv, np.arange(nv, dtype=np.int32), kv)
+    h.addRow(-hp.kHighsInf if at_most else float(total_k), float(total_k), nv, np.arange(nv, dtype=np.int32), kv)
     h.run()
     status = h.getModelStatus()
     if status == hp.HighsModelStatus.kInfeasible:

@@ -20,7 +20,7 @@ S ∪ {p}). So for every q ∈ S at once, in O(k) after the O(Nk + k²) vector t
     ΔE(p, q) = −u_p²/(2s) + (v_q + t_q u_p/s)² / (2 (A_qq + t_q²/s)).
 
 An accepted swap updates A by two rank-one steps (add p, remove q: O(k²)), v_S by the same formulas, and
-r = X_S v_S − y (O(Nk)); A and v_S are recomputed from scratch every ``refactor_every`` swaps so that
+nothing of size N (module :class:`_State`); A and v_S are recomputed from scratch every ``refactor_every`` swaps so that
 rounding does not drift.
 
 **Search.** Each round computes u = Xᵀr − λw + g once (one pass over X, in X's dtype: it only ranks),
@@ -42,6 +42,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg import blas
 
 from formulations.objective import optimal_update
 from formulations.problem import BlockProblem
@@ -127,7 +128,8 @@ class SwapSolver(SubsetSolver):
         swaps_since = 0
         for _ in range(self.max_rounds):
             extra["rounds"] += 1
-            u = np.asarray(X.T @ state.r.astype(X.dtype, copy=False), dtype=np.float64) - lam * w + g
+            r = state.residual()
+            u = np.asarray(X.T @ r.astype(X.dtype, copy=False), dtype=np.float64) - lam * w + g
             proxy = u * u / (col_norm2 + lam)
             proxy[state.idx] = -np.inf
             m = min(self.candidates, n - k)
@@ -135,10 +137,11 @@ class SwapSolver(SubsetSolver):
             cands = cands[np.argsort(-proxy[cands], kind="stable")]
             made = 0
             threshold = self.tol * max(abs(state.objective()), 1e-300)
-            for p in cands:
+            state.prepare(cands)
+            for i in range(cands.size):
                 if deadline is not None and time.perf_counter() > deadline:
                     break
-                if state.try_swap(int(p), threshold):
+                if state.try_candidate(i, threshold):
                     made += 1
                     swaps_since += 1
                     if swaps_since >= self.refactor_every:
@@ -159,63 +162,88 @@ class SwapSolver(SubsetSolver):
 
 
 class _State:
-    """The support's slots, A = H_SS⁻¹, v_S and r, with exact swap evaluation (module docstring)."""
+    """The support's slots, A = H_SS⁻¹, v_S, with exact swap evaluation (module docstring).
+
+    Per round, :meth:`prepare` gathers the candidates' columns X_C (N, m) and B = X_SᵀX_C (k, m) in one
+    matrix product, so evaluating a candidate costs O(k²) (t = A b) and an accepted swap O(k² + Nm)
+    (two in-place rank-one updates of A and one new row of B). u_p = X_pᵀr − λw_p + g_p is computed as
+    bᵀv_S − X_pᵀy − λw_p + g_p, so r itself is only formed once per round."""
 
     def __init__(self, X: np.ndarray, w: np.ndarray, lam: float, g: np.ndarray, y: np.ndarray, idx: np.ndarray) -> None:
         self.X, self.w, self.lam, self.g, self.y = X, w, lam, g, y
         self.idx = idx.astype(np.intp).copy()
         self.XS = np.asarray(X[:, self.idx], dtype=np.float64, order="F")
+        self.cands = np.zeros(0, dtype=np.intp)
         self.refactor()
 
     def refactor(self) -> None:
-        """A, v_S, r from scratch (Cholesky of X_SᵀX_S + λI)."""
+        """A and v_S from scratch (Cholesky of X_SᵀX_S + λI); B of the current candidates too."""
         XS, lam, idx = self.XS, self.lam, self.idx
         M = XS.T @ XS
         M[np.diag_indices_from(M)] += lam
         c = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
-        self.A = scipy.linalg.cho_solve(c, np.eye(idx.size), check_finite=False)
-        self.A = (self.A + self.A.T) / 2
+        A = scipy.linalg.cho_solve(c, np.eye(idx.size), check_finite=False)
+        self.A = np.ascontiguousarray((A + A.T) / 2)
         rhs = XS.T @ self.y + lam * self.w[idx] - self.g[idx]
         self.v = self.A @ rhs
-        self.r = XS @ self.v - self.y
+        if self.cands.size:
+            self.B = XS.T @ self.XC
+
+    def residual(self) -> np.ndarray:
+        """r = X_S v_S − y (N,)."""
+        return self.XS @ self.v - self.y
+
+    def prepare(self, cands: np.ndarray) -> None:
+        """Gather the round's candidate columns and their products with X_S."""
+        self.cands = np.asarray(cands, dtype=np.intp)
+        self.XC = np.asarray(self.X[:, self.cands], dtype=np.float64, order="F")
+        self.B = self.XS.T @ self.XC
+        self.yc = self.XC.T @ self.y
+        self.nc = np.einsum("ij,ij->j", self.XC, self.XC)
+        self.used = np.zeros(self.cands.size, dtype=bool)
 
     def objective(self) -> float:
         """E(S) = ½‖r‖² + (λ/2)‖v − w‖² + gᵀ(v − w), v zero off S."""
+        r = self.residual()
         d_kept = self.v - self.w[self.idx]
         mask = np.ones(self.w.size, dtype=bool)
         mask[self.idx] = False
         w_pruned = self.w[mask]
         sq = float(d_kept @ d_kept) + float(w_pruned @ w_pruned)
         lin = float(self.g[self.idx] @ d_kept) - float(self.g[mask] @ w_pruned)
-        return 0.5 * float(self.r @ self.r) + 0.5 * self.lam * sq + lin
+        return 0.5 * float(r @ r) + 0.5 * self.lam * sq + lin
 
-    def try_swap(self, p: int, threshold: float) -> bool:
-        """Make the best swap (p in, some q out) if it lowers E by more than ``threshold``; True if made."""
-        xp = np.asarray(self.X[:, p], dtype=np.float64)
-        up = float(xp @ self.r) - self.lam * self.w[p] + self.g[p]
-        b = self.XS.T @ xp
+    def try_candidate(self, i: int, threshold: float) -> bool:
+        """Make the best swap (candidate i in, some q out) if it lowers E by more than ``threshold``."""
+        if self.used[i]:
+            return False
+        p = int(self.cands[i])
+        b = self.B[:, i]
+        up = float(b @ self.v) - self.yc[i] - self.lam * self.w[p] + self.g[p]
         t = self.A @ b
-        s = float(xp @ xp) + self.lam - float(b @ t)
+        s = self.nc[i] + self.lam - float(b @ t)
         if not s > 0.5 * self.lam:  # s ≥ λ in exact arithmetic; less means A has drifted
             self.refactor()
-            b = self.XS.T @ xp
+            b = self.B[:, i]
+            up = float(b @ self.v) - self.yc[i] - self.lam * self.w[p] + self.g[p]
             t = self.A @ b
-            s = max(float(xp @ xp) + self.lam - float(b @ t), self.lam)
+            s = max(self.nc[i] + self.lam - float(b @ t), self.lam)
         v1 = self.v + t * (up / s)
         a_diag = np.diag(self.A) + t * t / s
         delta = -up * up / (2 * s) + v1 * v1 / (2 * a_diag)
         j = int(np.argmin(delta))
         if not delta[j] < -threshold:
             return False
-        # A on S ∪ {p} = [[A + ttᵀ/s, c], [cᵀ, 1/s]] with c = −t/s; then remove slot j and put p there
+        # A on S ∪ {p} = [[A + ttᵀ/s, c], [cᵀ, 1/s]] with c = −t/s; then remove slot j and put p there.
+        # A is C-contiguous and symmetric, so its transpose is the Fortran array BLAS updates in place.
         c = -t / s
-        self.A += np.outer(t, t) / s
+        blas.dger(1.0 / s, t, t, a=self.A.T, overwrite_a=1)
         a = self.A[:, j].copy()
         ajj = a[j]
         cj = c[j]
         cp = c - a * (cj / ajj)
         cpp = 1.0 / s - cj * cj / ajj
-        self.A -= np.outer(a, a) / ajj
+        blas.dger(-1.0 / ajj, a, a, a=self.A.T, overwrite_a=1)
         self.A[:, j] = cp
         self.A[j, :] = cp
         self.A[j, j] = cpp
@@ -223,7 +251,9 @@ class _State:
         vj = v1[j]
         self.v = v1 - a * (vj / ajj)
         self.v[j] = vp - cj * vj / ajj
+        xp = self.XC[:, i]
         self.idx[j] = p
         self.XS[:, j] = xp
-        self.r = self.XS @ self.v - self.y
+        self.B[j, :] = self.XC.T @ xp
+        self.used[i] = True
         return True
