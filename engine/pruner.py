@@ -391,6 +391,7 @@ def prune(
     config: PruneConfig,
     on_block: Callable[[BlockRecord], None] | None = None,
     on_stage: Callable[[StageRecord, nn.Module], None] | None = None,
+    cache: dict | None = None,
 ) -> PruneReport:
     """Prune ``parameter_names`` of ``model`` in one shot (or in ``config.stages`` stages); the model is
     edited in place (all or nothing: on an error it is restored).
@@ -405,6 +406,9 @@ def prune(
     on_block : called with each finished block's record of the last stage (progress, resumable logs).
     on_stage : called after every stage but the last with its record and the model, whose weights are then
         the stage's (pruned weights zero, no masks yet): e.g. to re-estimate BatchNorm or log accuracy.
+    cache : a dict the caller keeps between calls (sweeps): the first stage's gradients and block
+        problems are stored there and reused by later calls with the same weights (checked by a
+        fingerprint), samples and Fisher settings, and so are derived data such as diag(H⁻¹).
     """
     if not isinstance(config, PruneConfig):
         raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
@@ -429,7 +433,7 @@ def prune(
         for t, target in enumerate(schedule):
             last = t == len(schedule) - 1
             outcome = _run_stage(model, parameter_names, train_inputs, train_targets, config, solver, t, target,
-                                 alive, last)
+                                 alive, last, cache)
             stages.append(outcome.record)
             for key in totals:
                 totals[key] += getattr(outcome, key)
@@ -484,54 +488,32 @@ class _StageOutcome:
 
 def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, train_targets: torch.Tensor,
                config: PruneConfig, solver: SubsetSolver, stage: int, target: float,
-               alive: dict[str, torch.Tensor], last: bool) -> _StageOutcome:
+               alive: dict[str, torch.Tensor], last: bool, cache: dict | None = None) -> _StageOutcome:
     """One stage: gradients at the current weights → blocks over the alive weights → budget → select →
     update → (step search) → the stage's weights and masks (not yet written into the model)."""
     show = config.progress
     params = dict(model.named_parameters())
+    values = {n: params[n].detach() for n in names}
     seed = _stage_seed(config.seed, stage)
     tag = f" stage {stage + 1}/{config.stages}" if config.stages > 1 else ""
 
-    # ---- gradients
+    # ---- gradients → block problems over the alive weights (k = 0 for now)
     t0 = time.perf_counter()
-    idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
-    x, y = train_inputs[idx], train_targets[idx]
-    grads = per_sample_gradients(
-        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
-    )
-    blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
+    key = _cache_key(config, names, values, seed) if cache is not None and stage == 0 else None
+    if key is not None and key in cache:
+        blocks, positions, problems, x, y = cache[key]
+    else:
+        blocks, positions, problems, x, y = _stage_problems(model, names, values, alive, train_inputs, train_targets,
+                                                            config, seed)
+        if key is not None:
+            cache[key] = (blocks, positions, problems, x, y)
+    fisher_seconds = time.perf_counter() - t0
     cap = solver.capabilities
-    values = {n: params[n].detach() for n in names}
-    positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]
-    if cap.max_size is not None and max(p.size for p in positions) > cap.max_size:
+    if cap.max_size is not None and max(p.n for p in problems) > cap.max_size:
         raise InvalidOptionError(
             f"Method '{solver.name}' accepts blocks of at most {cap.max_size} weights; the largest block has "
-            f"{max(p.size for p in positions)}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
+            f"{max(p.n for p in problems)}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
         )
-    scale = 1.0 / math.sqrt(grads.n_rows)
-    problems: list[BlockProblem] = []
-    for b, pos in zip(blocks, positions):
-        if len(blocks) == 1 and pos.size == grads.buffer.shape[1]:
-            Xt = grads.buffer  # the whole network, nothing pruned yet: use the gradient buffer itself
-        else:
-            Xt = b.gather_columns(grads.rows)  # a fresh (N, n_b) float32 tensor
-            if pos.size < b.n:
-                Xt = Xt[:, torch.from_numpy(pos)]
-        Xt.mul_(scale)
-        lam = config.damping
-        if config.relative_damping:
-            # λ = δ · mean(diag F), accumulated in float64 over column chunks (no float64 copy of X)
-            diag_sum = sum(float(Xt[:, s : s + 4096].double().pow(2).sum()) for s in range(0, Xt.shape[1], 4096))
-            lam = config.damping * diag_sum / max(Xt.shape[1], 1) if diag_sum > 0 else config.damping
-        g = None
-        if config.first_order:
-            # mean row = Σ_i X_i / √N (X = G/√N), scaled by 1/B (see PruneConfig.first_order)
-            col_sum = torch.cat([Xt[:, s : s + 4096].double().sum(0) for s in range(0, Xt.shape[1], 4096)])
-            g = (col_sum * (math.sqrt(grads.n_rows) / grads.n_rows / config.fisher_batch)).numpy()
-        w = b.gather_values(values).to(torch.float64).numpy()[pos]
-        problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), gradient=g, label=b.label))
-    del grads
-    fisher_seconds = time.perf_counter() - t0
 
     # ---- budget (over the alive weights; the dead ones are already counted as pruned)
     n_total = sum(b.n for b in blocks)
@@ -612,6 +594,50 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
              record.objective_total, step)
     return _StageOutcome(record, records, results, updated, new_alive, fisher_seconds, select_seconds,
                          update_seconds, prune_seconds)
+
+
+def _cache_key(config: PruneConfig, names: list[str], values: dict[str, torch.Tensor], seed: int) -> tuple:
+    """What stage-0 block problems depend on: the settings, the draw and (a fingerprint of) the weights."""
+    fingerprint = tuple((float(values[n].double().sum()), float(values[n].double().pow(2).sum())) for n in names)
+    return (seed, config.fisher_samples, config.fisher_batch, config.damping, config.relative_damping,
+            config.block_mode, config.block_size, config.first_order, tuple(names), fingerprint)
+
+
+def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],
+                    train_inputs: torch.Tensor, train_targets: torch.Tensor, config: PruneConfig, seed: int) -> tuple[list[Block], list[np.ndarray], list[BlockProblem], torch.Tensor, torch.Tensor]:
+    """Gradients at the current weights and one BlockProblem (k = 0) per block over its alive weights;
+    also the blocks, the alive positions in each block, and the drawn samples."""
+    show = config.progress
+    idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
+    x, y = train_inputs[idx], train_targets[idx]
+    grads = per_sample_gradients(
+        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
+    )
+    blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
+    positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]
+    scale = 1.0 / math.sqrt(grads.n_rows)
+    problems: list[BlockProblem] = []
+    for b, pos in zip(blocks, positions):
+        if len(blocks) == 1 and pos.size == grads.buffer.shape[1]:
+            Xt = grads.buffer  # the whole network, nothing pruned yet: use the gradient buffer itself
+        else:
+            Xt = b.gather_columns(grads.rows)  # a fresh (N, n_b) float32 tensor
+            if pos.size < b.n:
+                Xt = Xt[:, torch.from_numpy(pos)]
+        Xt.mul_(scale)
+        lam = config.damping
+        if config.relative_damping:
+            # λ = δ · mean(diag F), accumulated in float64 over column chunks (no float64 copy of X)
+            diag_sum = sum(float(Xt[:, s : s + 4096].double().pow(2).sum()) for s in range(0, Xt.shape[1], 4096))
+            lam = config.damping * diag_sum / max(Xt.shape[1], 1) if diag_sum > 0 else config.damping
+        g = None
+        if config.first_order:
+            # mean row = Σ_i X_i / √N (X = G/√N), scaled by 1/B (see PruneConfig.first_order)
+            col_sum = torch.cat([Xt[:, s : s + 4096].double().sum(0) for s in range(0, Xt.shape[1], 4096)])
+            g = (col_sum * (math.sqrt(grads.n_rows) / grads.n_rows / config.fisher_batch)).numpy()
+        w = b.gather_values(values).to(torch.float64).numpy()[pos]
+        problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), gradient=g, label=b.label))
+    return blocks, positions, problems, x, y
 
 
 #: steps tried by the step search, largest first (τ = 1 is the plain update, τ = 0 the masked weights)

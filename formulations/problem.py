@@ -155,8 +155,10 @@ class BlockProblem:
         return self.factor.shape[0] if self.factor is not None else self.n
 
     def with_n_keep(self, n_keep: int) -> "BlockProblem":
-        """The same block with another budget (shares the arrays, no copy)."""
-        return BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label)
+        """The same block with another budget (shares the arrays and the cache of derived data, which
+        does not depend on k: y = Xw, factors, diag(H⁻¹); no copy)."""
+        return BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label,
+                            _cache=self._cache)
 
     # ----------------------------------------------------------- derived data
     def factor_matrix(self) -> np.ndarray:

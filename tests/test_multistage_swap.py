@@ -337,3 +337,28 @@ def test_prune_with_loss_curve_allocation(trained):
                                                    block_mode="layer", allocation="loss_curve"))
     assert report.n_keep == round(0.25 * report.n_total)
     assert report.stages[0].extra["allocation"] == "loss_curve"
+
+
+def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
+    base, x, y = trained
+    names = _names(base)
+    cache = {}
+    reports = []
+    for _ in range(2):
+        model = copy.deepcopy(base)
+        reports.append(prune(model, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
+                                                             block_mode="layer", allocation="obs"), cache=cache))
+    assert len(cache) == 1
+    (blocks, positions, problems, _, _), = cache.values()
+    assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._cache if isinstance(k, tuple)) for p in problems)
+    fresh = prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
+                                                                block_mode="layer", allocation="obs"))
+    for n in names:
+        assert torch.equal(reports[1].masks[n], fresh.masks[n])
+    # other weights: a different fingerprint, so no reuse
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    prune(other, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150, block_mode="layer",
+                                          allocation="obs"), cache=cache)
+    assert len(cache) == 2

@@ -186,8 +186,16 @@ def hessian_inverse_diagonal(
 def obs_scores(problem: BlockProblem, method: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
     """OBS saliencies ρ_i = w_i² / [H⁻¹]_ii, shape (n,), float64 (twice the loss increase of removing w_i
     alone with the others re-optimised). Comparable across blocks that share a loss, which is how a global
-    budget by OBS score is set."""
-    return problem.weights**2 / hessian_inverse_diagonal(problem, method, chunk_bytes)
+    budget by OBS score is set.
+
+    diag(H⁻¹) depends on X, λ only (not on k), so it is cached on the problem: the budget, the solver and
+    every :meth:`~formulations.problem.BlockProblem.with_n_keep` copy of one block compute it once."""
+    key = ("hessian_inverse_diagonal", _choose_method(problem, method))
+    if key not in problem._cache:
+        diag = hessian_inverse_diagonal(problem, method, chunk_bytes)
+        diag.setflags(write=False)
+        problem._cache[key] = diag
+    return problem.weights**2 / problem._cache[key]
 
 
 class WoodFisherSolver(SubsetSolver):
