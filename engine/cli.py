@@ -97,14 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-dir", type=_existing_dir, default=None,
                     help="folder laid out like ../shared/data (mnist/, cifar10/, weights/); default ../shared/data")
     pr.add_argument("--sparsity", type=SPARSITY, required=True, help="fraction of prunable weights removed, in [0, 1)")
-    pr.add_argument("--method", default="cbs", help=f"selection method: {', '.join(solver_names())}")
+    pr.add_argument("--method", default=None,
+                    help=f"selection method: {', '.join(solver_names())}; default: our best measured configuration "
+                         "for the model and sparsity (engine/defaults.py), which any flag below overrides")
     upd = pr.add_mutually_exclusive_group()
     upd.add_argument("--update", dest="update", action="store_true", default=None,
                      help="apply the CBS-U update after selection (default for every method but magnitude)")
     upd.add_argument("--no-update", dest="update", action="store_false", help="only mask, no weight update")
-    pr.add_argument("--fisher-samples", type=POSITIVE_INT, default=1000, help="N, gradient rows of the Fisher")
-    pr.add_argument("--fisher-batch", type=POSITIVE_INT, default=1, help="samples averaged per gradient row")
-    pr.add_argument("--damping", type=POSITIVE, default=1e-3, help="λ > 0 added to the Fisher")
+    pr.add_argument("--fisher-samples", type=POSITIVE_INT, default=None, help="N, gradient rows of the Fisher (1000)")
+    pr.add_argument("--fisher-batch", type=POSITIVE_INT, default=None, help="samples averaged per gradient row (1)")
+    pr.add_argument("--damping", type=POSITIVE, default=None, help="λ > 0 added to the Fisher (1e-3)")
     pr.add_argument("--relative-damping", action="store_true", help="λ = damping · mean(diag F)")
     pr.add_argument("--block-mode", choices=BLOCK_MODES, default=None,
                     help="layer, whole, chunk or row (default: chunk when --block-size is given, else layer)")
@@ -181,15 +183,26 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import PruneConfig
     from .solvers.registry import get_solver
 
-    mode = args.block_mode or ("chunk" if args.block_size else "layer")
+    from .defaults import PLAIN, describe, recommended
+
+    given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
+             "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
+             "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
+             "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.method is None:
+        # no method named: our best measured configuration for this model and sparsity, flags override it
+        base = recommended(args.model, args.sparsity)
+        logging.getLogger("cbs").warning("cbs prune: no --method given; running the recommended configuration: %s",
+                                         describe(base))
+    else:
+        base = {**PLAIN, "method": args.method}
+    settings = {**base, **given}
     config = PruneConfig(
-        sparsity=args.sparsity, method=args.method, update=args.update, fisher_samples=args.fisher_samples,
-        fisher_batch=args.fisher_batch, damping=args.damping, relative_damping=args.relative_damping,
-        block_mode=mode, block_size=args.block_size, allocation=args.allocation, seed=args.seed,
-        time_limit=args.time_limit, solver_params=_solver_params(args.param), progress=not args.no_progress and None,
-        loss_samples=args.loss_samples, evaluate_update=args.evaluate_update,
-        stages=args.stages or 1, schedule=args.schedule or "exp", first_order=bool(args.first_order),
-        step_search=bool(args.step_search), workers=args.workers,
+        sparsity=args.sparsity, relative_damping=args.relative_damping, block_size=args.block_size,
+        allocation=args.allocation, seed=args.seed, time_limit=args.time_limit, solver_params=_solver_params(args.param),
+        progress=not args.no_progress and None, loss_samples=args.loss_samples, evaluate_update=args.evaluate_update,
+        workers=args.workers, **settings,
     )
     solver = get_solver(config.method, **config.solver_params)  # unknown method / bad parameter: exit 2 now
     if hasattr(solver, "ensure_available"):

@@ -22,7 +22,7 @@ from .pruner import PruneConfig, prune
 from .masking import make_permanent
 from .records import atomic_write_bytes, environment, write_json_atomic
 
-__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors"]
+__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors", "bn_images"]
 
 #: checkpoint file of each model, relative to the data folder (laid out like ../shared/data)
 CHECKPOINTS = {
@@ -95,7 +95,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _bn_images(job: PruneJob, train_x: torch.Tensor, seed: int) -> torch.Tensor:
+def bn_images(job: PruneJob, train_x: torch.Tensor, seed: int) -> torch.Tensor:
     """Training images for BatchNorm re-estimation (augmented for ResNet20, whose statistics came from
     augmented images: clean ones cost ~3 points)."""
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +126,7 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
 
     def on_stage(stage, staged_model) -> None:
         if job.bn_reestimate:
-            reestimate_batchnorm(staged_model, _bn_images(job, train_x, job.config.seed + stage.stage),
+            reestimate_batchnorm(staged_model, bn_images(job, train_x, job.config.seed + stage.stage),
                                  seed=job.config.seed)
         stage_acc, stage_loss = evaluate(staged_model, test_x, test_y)
         stage_log.append({"stage": stage.stage, "sparsity": stage.sparsity, "accuracy": stage_acc,
@@ -155,7 +155,7 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
         "settings": job.config.to_dict(),
     }
     if job.bn_reestimate:
-        images = _bn_images(job, train_x, job.config.seed)
+        images = bn_images(job, train_x, job.config.seed)
         reestimate_batchnorm(model, images, seed=job.config.seed)
         record["accuracy_no_bn_reestimate"] = acc
         record["test_loss_no_bn_reestimate"] = loss

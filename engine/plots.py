@@ -20,7 +20,7 @@ def accuracy_plot(
     suffix: str = "",
 ) -> None:
     """Test accuracy against sparsity, one line per ``row["label"]`` (rows carry ``sparsity``, ``accuracy``);
-    ``references`` are dashed black curves (e.g. published numbers), ``dense`` a grey horizontal line."""
+    ``references`` are black curves with their own line style and marker (e.g. published numbers), ``dense`` a grey horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,8 +31,12 @@ def accuracy_plot(
     for label in dict.fromkeys(r["label"] for r in rows):
         pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["label"] == label)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}{suffix}")
-    for name, curve in (references or {}).items():
-        ax.plot(list(curve), list(curve.values()), linestyle="--", marker="x", color="black", label=name)
+    styles = [("--", "x"), (":", "s"), ("-.", "^"), ((0, (5, 1)), "v"), ((0, (1, 1)), "d")]
+    for i, (name, curve) in enumerate((references or {}).items()):
+        line, marker = styles[i % len(styles)]
+        pts = sorted(curve.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=line, marker=marker, color="black",
+                markerfacecolor="none", linewidth=1, label=name)
     if dense is not None:
         ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense {dense:.2f} %")
     ax.set_xlabel("sparsity (fraction of weights removed)")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["environment", "write_json_atomic", "append_jsonl", "to_jsonable", "atomic_write_bytes"]
+__all__ = ["environment", "write_json_atomic", "append_jsonl", "read_jsonl", "to_jsonable", "atomic_write_bytes"]
 
 _PACKAGES = ("cbs-prune", "torch", "numpy", "scipy", "highspy", "pyomo", "cvxpy", "pyscipopt", "gurobipy")
 
@@ -91,3 +91,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         fh.write(json.dumps(to_jsonable(record)) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSONL file written by :func:`append_jsonl`; a torn last line (a crash while
+    appending) is skipped, so a resumed sweep redoes that run instead of failing."""
+    out = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return out

@@ -362,3 +362,31 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
     prune(other, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150, block_mode="layer",
                                           allocation="obs"), cache=cache)
     assert len(cache) == 2
+
+
+# ----------------------------------------------------------------------------- defaults
+def test_recommended_settings_and_rejections():
+    from engine.defaults import describe, recommended
+
+    low, high = recommended("mlpnet", 0.5), recommended("mlpnet", 0.98)
+    assert low["stages"] <= high["stages"] and low["first_order"] and low["update"]
+    PruneConfig(sparsity=0.98, **high)  # a valid configuration
+    assert "--stages" in describe(high)
+    with pytest.raises(InvalidOptionError, match="'model'"):
+        recommended("vgg", 0.5)
+    with pytest.raises(InvalidOptionError, match="'sparsity'"):
+        recommended("mlpnet", 1.0)
+
+
+def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared_data, tmp_path):
+    from engine.defaults import recommended
+
+    out = tmp_path / "auto"
+    code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.5",
+                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    settings = json.loads((out / "record.json").read_text())["settings"]
+    rec = recommended("mlpnet", 0.5)
+    assert settings["method"] == rec["method"] and settings["first_order"] and settings["step_search"]
+    assert settings["damping"] == rec["damping"] and settings["schedule"] == rec["schedule"]
+    assert (settings["fisher_samples"], settings["fisher_batch"], settings["stages"]) == (16, 2, 2)

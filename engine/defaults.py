@@ -1,0 +1,60 @@
+"""The configuration ``cbs prune`` runs when the user names no method: our best measured one per model
+and sparsity (figures in docs/results.md; ``scripts/reproduce.py`` measures them).
+
+:func:`recommended` returns :class:`~engine.pruner.PruneConfig` settings; anything the user passes on the
+command line overrides them. ``PLAIN`` are the settings used when a method *is* named (the paper's
+single-stage defaults), so ``--method cbs`` alone behaves as it always did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import invalid_option
+from .models import MODEL_NAMES
+
+__all__ = ["recommended", "PLAIN", "describe"]
+
+#: settings when the user names a method (single stage, paper-style)
+PLAIN: dict[str, Any] = dict(fisher_samples=1000, fisher_batch=1, damping=1e-3, block_mode="layer", stages=1,
+                             schedule="exp", first_order=False, step_search=False, update=None)
+
+#: multi-stage settings shared by the recommendations (CHITA++-style; see docs/results.md)
+_MULTI: dict[str, dict[str, Any]] = {
+    "mlpnet": dict(method="magnitude", update=True, fisher_samples=500, fisher_batch=32, damping=1e-3,
+                   block_mode="whole", schedule="poly", first_order=True, step_search=True),
+    "resnet20": dict(method="magnitude", update=True, fisher_samples=250, fisher_batch=16, damping=1e-3,
+                     block_mode="layer", schedule="poly", first_order=True, step_search=True),
+}
+
+#: stages by sparsity: (upper sparsity, stages); the first row whose bound is >= the target applies
+_STAGES: dict[str, list[tuple[float, int]]] = {
+    "mlpnet": [(0.9, 20), (0.95, 40), (1.0, 80)],
+    "resnet20": [(0.6, 5), (0.8, 10), (1.0, 15)],
+}
+
+
+def recommended(model: str, sparsity: float) -> dict[str, Any]:
+    """PruneConfig settings (method included) of our best measured configuration for ``model`` at
+    ``sparsity``."""
+    if model not in MODEL_NAMES:
+        raise invalid_option("model", "recommended()", f"one of {', '.join(MODEL_NAMES)}", repr(model))
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise invalid_option("sparsity", "recommended()", "in [0, 1)", sparsity)
+    stages = next(k for bound, k in _STAGES[model] if sparsity <= bound)
+    return {**_MULTI[model], "stages": stages}
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """One line for the log: the recommended configuration in flag form."""
+    flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
+             f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
+             f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
+             f"--schedule {settings['schedule']}"]
+    if settings.get("update"):
+        flags.append("--update")
+    if settings.get("first_order"):
+        flags.append("--first-order")
+    if settings.get("step_search"):
+        flags.append("--step-search")
+    return " ".join(flags)

@@ -1,0 +1,230 @@
+"""Reproduce the one-shot benchmarks of the CBS and CHITA papers on their checkpoints, beside our methods.
+
+    python scripts/reproduce.py --model mlpnet --data-dir ../shared/data --out results/reproduce
+    python scripts/reproduce.py --model resnet20 --data-dir ../shared/data --out results/reproduce
+
+For each model, every configuration of ``CONFIGS[model]`` (label → settings) is run at every sparsity
+(MLPNet 0.5 … 0.98, ResNet20 0.3 … 0.9) and for every seed where the method draws at random (``seeds``:
+the RMP masks of cbs, the per-stage sample draws of multi-stage). Single-stage configurations of one seed
+share the gradients (``prune(..., cache=...)``), so a sweep computes them once per seed.
+
+Writes under ``OUT/MODEL/``: ``records.jsonl`` (one line per run, appended as each run ends; re-running
+the same command skips what is done, so an interrupted sweep resumes), ``table.md`` (accuracy mean ± std
+over seeds, the published numbers beside), ``timing.md`` (seconds and peak memory of each run),
+``accuracy.png``; and prints where it wrote them. ResNet20 runs record the accuracy with and without
+BatchNorm re-estimation (both columns are in the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.data import dataset_for_model, default_data_dir
+from engine.evaluate import evaluate, reestimate_batchnorm
+from engine.models import load_model, prunable_parameters
+from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb
+from engine.plots import accuracy_plot
+from engine.progress import progress
+from engine.pruner import PruneConfig, prune
+from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl
+
+#: published one-shot accuracies, no fine-tuning (CBS paper Tables 1-2, CHITA paper Table 2)
+PUBLISHED = {
+    "mlpnet": {
+        "dense": 93.97,
+        "MP (CBS paper)": {0.5: 93.93, 0.6: 93.62, 0.7: 93.62, 0.8: 92.89, 0.9: 90.30, 0.95: 83.64, 0.98: 32.25},
+        "WF (CBS paper)": {0.5: 94.02, 0.7: 93.77, 0.8: 93.57, 0.9: 91.69, 0.95: 85.54, 0.98: 38.26},
+        "CBS (CBS paper)": {0.5: 93.96, 0.6: 93.96, 0.7: 93.98, 0.8: 93.90, 0.9: 93.14, 0.95: 88.92, 0.98: 55.45},
+        "CHITA single-stage": {0.5: 93.97, 0.6: 93.94, 0.7: 93.80, 0.8: 93.59, 0.9: 92.46, 0.95: 88.09, 0.98: 46.25},
+        "CHITA++ multi-stage": {0.5: 95.97, 0.6: 95.93, 0.7: 95.89, 0.8: 95.80, 0.9: 95.55, 0.95: 94.70, 0.98: 90.73},
+    },
+    "resnet20": {
+        "dense": 91.36,
+        "CBS (CBS paper)": {0.3: 91.35, 0.4: 91.21, 0.5: 90.58, 0.6: 88.88, 0.7: 81.84, 0.8: 51.28, 0.9: 13.68},
+        "CHITA single-stage": {0.3: 91.37, 0.4: 91.19, 0.5: 90.60, 0.6: 89.22, 0.7: 84.68, 0.8: 65.70, 0.9: 20.36},
+        "CHITA++ multi-stage": {0.3: 91.25, 0.4: 91.20, 0.5: 91.04, 0.6: 90.78, 0.7: 90.38, 0.8: 88.72, 0.9: 79.32},
+    },
+}
+PUBLISHED["mlpnet"]["MP (CBS paper)"].pop(0.6)  # not in the paper's table
+
+SPARSITIES = {"mlpnet": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "resnet20": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+
+#: the paper settings of each model (CBS: N = 10,000, λ = 1e-3, one block for MLPNet; N = 1,000,
+#: λ = 1e-5, one block per layer, the 18 block convs for ResNet20)
+BASE = {
+    "mlpnet": dict(fisher_samples=10000, damping=1e-3, block_mode="whole"),
+    "resnet20": dict(fisher_samples=1000, damping=1e-5, block_mode="layer"),
+}
+PRESET = {"mlpnet": "default", "resnet20": "cbs"}
+
+#: multi-stage settings (CHITA++-style: mini-batch gradient rows, first-order term, step search)
+MULTI = {
+    "mlpnet": dict(fisher_samples=500, fisher_batch=32, damping=1e-3, block_mode="whole", stages=40, schedule="poly",
+                   first_order=True, step_search=True, method="magnitude", update=True),
+    "resnet20": dict(fisher_samples=250, fisher_batch=16, damping=1e-3, block_mode="layer", stages=10, schedule="poly",
+                     first_order=True, step_search=True, method="magnitude", update=True),
+}
+
+#: label -> (settings over BASE, seeds it is run with: "all" = every --seeds, else the first only)
+CONFIGS: dict[str, dict[str, tuple[dict[str, Any], str]]] = {
+    model: {
+        "magnitude": (dict(method="magnitude", update=False), "one"),
+        "woodfisher": (dict(method="woodfisher", update=False), "one"),
+        "cbs": (dict(method="cbs", update=True, **({} if model == "mlpnet" else
+                                                    dict(loss_samples=200, solver_params={"rmp_trials": 10}))), "all"),
+        "magnitude+update": (dict(method="magnitude", update=True), "one"),
+        "woodfisher+update": (dict(method="woodfisher", update=True), "one"),
+        "iht": (dict(method="iht", update=True, solver_params={"max_iter": 100}), "one"),
+        "swap": (dict(method="swap", update=True), "one"),
+        "multi-stage": (dict(MULTI[model]), "all"),
+    }
+    for model in ("mlpnet", "resnet20")
+}
+
+
+def _key(r: dict) -> tuple:
+    return (r["label"], round(r["sparsity"], 6), r["seed"])
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def accuracy_table(rows: list[dict], model: str, sparsities: list[float], field: str = "accuracy") -> str:
+    """Markdown: one row per label (mean ± std over seeds of ``field``), then the published rows."""
+    head = "| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |"
+    lines = [head, "|" + "---|" * (len(sparsities) + 1)]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        cells = [_cell([r[field] for r in rows if r["label"] == label and abs(r["sparsity"] - s) < 1e-9 and field in r])
+                 for s in sparsities]
+        lines.append(f"| {label} (ours) | " + " | ".join(cells) + " |")
+    for name, curve in PUBLISHED[model].items():
+        if name != "dense":
+            lines.append(f"| {name} | " + " | ".join(f"{curve[s]:.2f}" if s in curve else "–" for s in sparsities) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(rows: list[dict], sparsities: list[float]) -> str:
+    """Markdown: seconds of one run (Fisher + selection + update, mean over seeds) and peak memory."""
+    head = "| method | " + " | ".join(f"{s:g}" for s in sparsities) + " | peak MiB |"
+    lines = [head, "|" + "---|" * (len(sparsities) + 2)]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        cells = []
+        for s in sparsities:
+            hit = [r["run_seconds"] for r in rows if r["label"] == label and abs(r["sparsity"] - s) < 1e-9]
+            cells.append(f"{np.mean(hit):.0f} s" if hit else "–")
+        peak = max(r["peak_memory_mb"] for r in rows if r["label"] == label)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {peak:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(PUBLISHED), required=True)
+    ap.add_argument("--data-dir", type=Path, default=None, help="folder laid out like ../shared/data")
+    ap.add_argument("--configs", nargs="+", default=None, help="labels of CONFIGS to run (default: all)")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
+    args = ap.parse_args(argv)
+    model_name = args.model
+    configs = CONFIGS[model_name]
+    labels = args.configs or list(configs)
+    unknown = [c for c in labels if c not in configs]
+    if unknown:
+        ap.error(f"argument --configs: unknown label(s) {unknown}; choose from {', '.join(configs)}")
+    sparsities = args.sparsities or SPARSITIES[model_name]
+    if any(not 0 <= s < 1 for s in sparsities):
+        ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = args.data_dir or default_data_dir()
+    job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
+                   bn_reestimate=model_name == "resnet20")  # validates the data folder before any work
+    out = args.out / model_name
+    records = out / "records.jsonl"
+    done = {_key(r): r for r in read_jsonl(records)} if records.exists() else {}
+
+    base_model = load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name])
+    names = [n for n, _ in prunable_parameters(base_model, PRESET[model_name])]
+    train_x, train_y = dataset_for_model(model_name, data_dir, "train")
+    test_x, test_y = dataset_for_model(model_name, data_dir, "test")
+    dense_acc, _ = evaluate(base_model, test_x, test_y)
+    runs = [(label, s, seed) for seed in args.seeds for label in labels for s in sparsities
+            if configs[label][1] == "all" or seed == args.seeds[0]]
+    todo = [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
+    caches: dict[int, dict] = {}
+    for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
+        settings = {**BASE[model_name], **configs[label][0]}
+        config = PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
+        model = copy.deepcopy(base_model)
+        stage_acc: list[float] = []
+
+        def on_stage(stage, staged):
+            if job.bn_reestimate:
+                reestimate_batchnorm(staged, bn_images(job, train_x, seed + stage.stage), seed=seed)
+            stage_acc.append(evaluate(staged, test_x, test_y)[0])
+
+        started = time.perf_counter()
+        cache = caches.setdefault(seed, {}) if config.stages == 1 else None
+        report = prune(model, names, train_x, train_y, config, cache=cache,
+                       on_stage=on_stage if config.stages > 1 else None)
+        run_seconds = time.perf_counter() - started
+        acc, loss = evaluate(model, test_x, test_y)
+        rec: dict[str, Any] = {
+            "model": model_name, "label": label, "sparsity": s, "seed": seed, "accuracy": acc, "test_loss": loss,
+            "dense_accuracy": dense_acc, "achieved_sparsity": report.achieved_sparsity, "n_keep": report.n_keep,
+            "run_seconds": run_seconds, "fisher_seconds": report.fisher_seconds, "prune_seconds": report.prune_seconds,
+            "objective_total": float(sum(b.objective for b in report.blocks)),
+            "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
+            "stage_accuracy": stage_acc, "settings": config.to_dict(), "peak_memory_mb": peak_memory_mb(),
+        }
+        if job.bn_reestimate:
+            reestimate_batchnorm(model, bn_images(job, train_x, seed), seed=seed)
+            rec["accuracy_no_bn_reestimate"] = acc
+            rec["accuracy"], rec["test_loss"] = evaluate(model, test_x, test_y)
+        if not done:
+            rec["environment"] = environment()
+        append_jsonl(records, rec)
+        done[_key(rec)] = rec
+        sys.stdout.write(f"{label:>18} s={s:<5} seed={seed} acc={rec['accuracy']:.2f} ({run_seconds:.0f} s)\n")
+        sys.stdout.flush()
+
+    rows = [r for r in done.values() if r["label"] in labels]
+    table = accuracy_table(rows, model_name, sparsities)
+    parts = [f"Dense accuracy here: {dense_acc:.2f} %.", "", table]
+    if model_name == "resnet20":
+        parts += ["", "Without BatchNorm re-estimation:", "",
+                  accuracy_table(rows, model_name, sparsities, "accuracy_no_bn_reestimate")]
+    timing = timing_table(rows, sparsities)
+    atomic_write_bytes(out / "table.md", ("\n".join(parts) + "\n").encode())
+    atomic_write_bytes(out / "timing.md", (timing + "\n").encode())
+    refs = {k: v for k, v in PUBLISHED[model_name].items() if k != "dense"}
+    mean_rows = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        for s in sparsities:
+            hit = [r for r in rows if r["label"] == label and abs(r["sparsity"] - s) < 1e-9]
+            if hit:
+                mean_rows.append({"label": label, "sparsity": s, "accuracy": float(np.mean([h["accuracy"] for h in hit]))})
+    accuracy_plot(mean_rows, out / "accuracy.png", f"One-shot pruning of {model_name} (no fine-tuning)",
+                  references=refs, dense=PUBLISHED[model_name]["dense"], suffix=" (ours)")
+    sys.stdout.write("\n".join(parts) + "\n\n" + timing + "\n")
+    sys.stdout.write(f"wrote {records}, {out / 'table.md'}, {out / 'timing.md'}, {out / 'accuracy.png'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
