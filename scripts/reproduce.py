@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from engine.data import dataset_for_model, default_data_dir
+from engine.defaults import recommended
 from engine.evaluate import evaluate, reestimate_batchnorm
 from engine.models import load_model, prunable_parameters
 from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb
@@ -65,16 +66,10 @@ BASE = {
 }
 PRESET = {"mlpnet": "default", "resnet20": "cbs"}
 
-#: multi-stage settings (CHITA++-style: mini-batch gradient rows, first-order term, step search)
-MULTI = {
-    "mlpnet": dict(fisher_samples=500, fisher_batch=32, damping=1e-3, block_mode="whole", stages=40, schedule="poly",
-                   first_order=True, step_search=True, method="magnitude", update=True),
-    "resnet20": dict(fisher_samples=250, fisher_batch=16, damping=1e-3, block_mode="layer", stages=10, schedule="poly",
-                     first_order=True, step_search=True, method="magnitude", update=True),
-}
-
-#: label -> (settings over BASE, seeds it is run with: "all" = every --seeds, else the first only)
-CONFIGS: dict[str, dict[str, tuple[dict[str, Any], str]]] = {
+#: label -> (settings over BASE, or a function of the sparsity giving them; seeds it is run with:
+#: "all" = every --seeds, else the first only). "multi-stage" is what `cbs prune` runs when no method is
+#: named (engine.defaults.recommended). iht and swap get a 60 s limit per block so that a sweep stays bounded.
+CONFIGS: dict[str, dict[str, tuple[Any, str]]] = {
     model: {
         "magnitude": (dict(method="magnitude", update=False), "one"),
         "woodfisher": (dict(method="woodfisher", update=False), "one"),
@@ -82,9 +77,9 @@ CONFIGS: dict[str, dict[str, tuple[dict[str, Any], str]]] = {
                                                     dict(loss_samples=200, solver_params={"rmp_trials": 10}))), "all"),
         "magnitude+update": (dict(method="magnitude", update=True), "one"),
         "woodfisher+update": (dict(method="woodfisher", update=True), "one"),
-        "iht": (dict(method="iht", update=True, solver_params={"max_iter": 100}), "one"),
-        "swap": (dict(method="swap", update=True), "one"),
-        "multi-stage": (dict(MULTI[model]), "all"),
+        "iht": (dict(method="iht", update=True, time_limit=60.0), "one"),
+        "swap": (dict(method="swap", update=True, time_limit=60.0), "one"),
+        "multi-stage": ((lambda s, model=model: recommended(model, s)), "all"),
     }
     for model in ("mlpnet", "resnet20")
 }
@@ -168,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
     caches: dict[int, dict] = {}
     for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
-        settings = {**BASE[model_name], **configs[label][0]}
+        extra = configs[label][0]
+        settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra)}
         config = PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
         model = copy.deepcopy(base_model)
         stage_acc: list[float] = []

@@ -48,11 +48,14 @@ from formulations.objective import optimal_update
 from formulations.problem import BlockProblem
 
 from ..errors import invalid_option
+from ..progress import get_logger
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
 from .base import Capabilities, SubsetSolver
 
 __all__ = ["SwapSolver"]
+
+log = get_logger(__name__)
 
 
 class SwapSolver(SubsetSolver):
@@ -107,12 +110,14 @@ class SwapSolver(SubsetSolver):
             return SolveResult(support=support, termination=Termination.COMPLETED, solver=self.name,
                                wall_time=time.perf_counter() - began, extra=extra)
         if k > self.max_keep:
+            # one fixed message (Python shows it once per place), the numbers go to the record
             warnings.warn(
-                f"swap: block '{problem.label}' keeps k = {k} > max_keep = {self.max_keep} weights; the k×k inverse "
-                f"would need {8 * k * k / 2**30:.1f} GiB, so the start ({origin}) is returned without swaps. "
-                "Use smaller blocks or raise max_keep.",
+                "swap: a block keeps more than max_keep weights (its k×k inverse would be too large), so its start "
+                "is returned without swaps. Use smaller blocks or raise max_keep.",
                 stacklevel=2,
             )
+            log.info("swap: block '%s' keeps k = %d > max_keep = %d; returning the start (%s)", problem.label, k,
+                     self.max_keep, origin)
             extra["skipped"] = "k above max_keep"
             return SolveResult(support=support, termination=Termination.COMPLETED, solver=self.name,
                                wall_time=time.perf_counter() - began, extra=extra)
