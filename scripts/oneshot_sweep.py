@@ -19,23 +19,8 @@ from pathlib import Path
 from engine.pipeline import PruneJob, run_prune
 from engine.plots import accuracy_plot
 from engine.pruner import PruneConfig
+from engine.published import PUBLISHED
 from engine.records import append_jsonl, atomic_write_bytes
-
-#: published one-shot accuracies (CBS paper, Table 1/2; CHITA paper), no fine-tuning
-PUBLISHED = {
-    "mlpnet": {
-        "dense": 93.97,
-        "MP (CBS paper)": {0.5: 93.93, 0.7: 93.62, 0.8: 92.89, 0.9: 90.30, 0.95: 83.64, 0.98: 32.25},
-        "WF (CBS paper)": {0.5: 94.02, 0.7: 93.77, 0.8: 93.57, 0.9: 91.69, 0.95: 85.54, 0.98: 38.26},
-        "CBS (CBS paper)": {0.5: 93.96, 0.6: 93.96, 0.7: 93.98, 0.8: 93.90, 0.9: 93.14, 0.95: 88.92, 0.98: 55.45},
-        "CHITA single-stage": {0.5: 93.97, 0.6: 93.94, 0.7: 93.80, 0.8: 93.59, 0.9: 92.46, 0.95: 88.09, 0.98: 46.25},
-    },
-    "resnet20": {
-        "dense": 91.36,
-        "CBS (CBS paper)": {0.3: 91.35, 0.4: 91.21, 0.5: 90.58, 0.6: 88.88, 0.7: 81.84, 0.8: 51.28, 0.9: 13.68},
-        "CHITA single-stage": {0.3: 91.37, 0.4: 91.19, 0.5: 90.60, 0.6: 89.22, 0.7: 84.68, 0.8: 65.70, 0.9: 20.36},
-    },
-}
 
 #: label -> (method, update)
 VARIANTS = {

@@ -35,26 +35,9 @@ from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb
 from engine.plots import accuracy_plot
 from engine.progress import progress
 from engine.pruner import PruneConfig, prune
+from engine.published import PUBLISHED
 from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl
 
-#: published one-shot accuracies, no fine-tuning (CBS paper Tables 1-2, CHITA paper Table 2)
-PUBLISHED = {
-    "mlpnet": {
-        "dense": 93.97,
-        "MP (CBS paper)": {0.5: 93.93, 0.6: 93.62, 0.7: 93.62, 0.8: 92.89, 0.9: 90.30, 0.95: 83.64, 0.98: 32.25},
-        "WF (CBS paper)": {0.5: 94.02, 0.7: 93.77, 0.8: 93.57, 0.9: 91.69, 0.95: 85.54, 0.98: 38.26},
-        "CBS (CBS paper)": {0.5: 93.96, 0.6: 93.96, 0.7: 93.98, 0.8: 93.90, 0.9: 93.14, 0.95: 88.92, 0.98: 55.45},
-        "CHITA single-stage": {0.5: 93.97, 0.6: 93.94, 0.7: 93.80, 0.8: 93.59, 0.9: 92.46, 0.95: 88.09, 0.98: 46.25},
-        "CHITA++ multi-stage": {0.5: 95.97, 0.6: 95.93, 0.7: 95.89, 0.8: 95.80, 0.9: 95.55, 0.95: 94.70, 0.98: 90.73},
-    },
-    "resnet20": {
-        "dense": 91.36,
-        "CBS (CBS paper)": {0.3: 91.35, 0.4: 91.21, 0.5: 90.58, 0.6: 88.88, 0.7: 81.84, 0.8: 51.28, 0.9: 13.68},
-        "CHITA single-stage": {0.3: 91.37, 0.4: 91.19, 0.5: 90.60, 0.6: 89.22, 0.7: 84.68, 0.8: 65.70, 0.9: 20.36},
-        "CHITA++ multi-stage": {0.3: 91.25, 0.4: 91.20, 0.5: 91.04, 0.6: 90.78, 0.7: 90.38, 0.8: 88.72, 0.9: 79.32},
-    },
-}
-PUBLISHED["mlpnet"]["MP (CBS paper)"].pop(0.6)  # not in the paper's table
 
 SPARSITIES = {"mlpnet": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "resnet20": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 
