@@ -187,3 +187,19 @@ def test_study_mlpnet_blocks_are_real(shared_data, tmp_path):
     assert len(files) == len(insts)
     replay = load_problem(tmp_path / "blocks" / "fc3_weight_0.npz")
     np.testing.assert_allclose(replay.factor_matrix(), insts[0].problem.factor_matrix())
+
+
+@pytest.mark.skipif(not _installed("pyomo", "pyscipopt"), reason="pyomo + pyscipopt (SCIP) not installed")
+def test_pyomo_default_form_proves_tall_blocks():
+    """Regression: with N ≫ n (real layers: N = 1000 gradient rows) the low-rank MIQP has N extra variables
+    and SCIP did not prove k = 1 of an n = 20 MLPNet row in 30 s; the default now takes the dense form there."""
+    p = make_problem(12, 2, seed=0, kind="well", N=600)
+    exact = solve_block(p, "brute_force")
+    res = solve_block(p, "pyomo", SolveOptions(time_limit=60))
+    assert res.status == Status.OPTIMAL
+    assert res.objective == pytest.approx(exact.objective, rel=1e-9)
+    assert res.extra["low_rank"] is False and res.extra.get("objective_scale") is not None
+    square = make_problem(12, 6, seed=0, kind="well", N=24)  # N ≤ 2n: the low-rank form, SCIP's better one
+    res = solve_block(square, "pyomo", SolveOptions(time_limit=60))
+    assert res.extra["low_rank"] is True and res.status == Status.OPTIMAL
+    assert res.objective == pytest.approx(solve_block(square, "brute_force").objective, rel=1e-9)

@@ -13,8 +13,11 @@ solver interfaces (``pyomo.contrib.solver``): ``scip_direct`` (pyscipopt), ``gur
   the process deadlocks in ``write`` and never returns, whatever the time limit — the "ignored time
   limit" of DESIGN §1b. We always pass ``display/verblevel = 0``; with it, limits of 5-10 s return on time.
 * SCIP's bound is far better on the low-rank form (v, z, r with r = X(v − w), diagonal objective) than on
-  the dense form (n = 30, 10 s: lower bound 0.28 vs −22), so the low-rank form is the default here when
-  a factor is held. Warm start: the incumbent's z is passed as a partial MIP start
+  the dense form when N is comparable to n (n = 30, N = 60, 10 s: lower bound 0.28 vs −22), but the
+  low-rank form carries N extra variables and N·n coupling nonzeros: on real MLPNet rows (n = 20,
+  N = 1000) it did not prove even k = 1 in 30 s where the dense form took 0.08 s; on random blocks with
+  n = 12, k = 2, N = 400 it took 9.1 s against 1.6 s. So the default (``low_rank=None``) is the low-rank
+  form when a factor with N ≤ 2n rows is held, else the dense one. Warm start: the incumbent's z is passed as a partial MIP start
   (``warmstart_discrete_vars``) and the answer is never worse than the incumbent (we compare and fall
   back).
 * Scaling: SCIP's tolerances are absolute, so on a block whose optimum is ~1e-5 (ill-conditioned random
@@ -112,7 +115,7 @@ class PyomoSolver(SubsetSolver):
     ----------
     solver_name : "scip" (default), "gurobi" (needs gurobipy; its pip licence is size-limited), or "highs"
         (relaxation only: returns the incumbent with the QP relaxation's bound, not exact).
-    low_rank : MIQP form (None: low-rank whenever a factor is held, SCIP's better form; see the module docstring).
+    low_rank : MIQP form (None: low-rank when a factor with N ≤ 2n rows is held, else dense; module docstring).
     rel_gap : the MIP gap asked of the solver (default 1e-9).
     threads : solver threads (default 1).
     solver_options : extra native parameters (e.g. {"limits/nodes": 1000} for SCIP).
@@ -212,7 +215,9 @@ class PyomoSolver(SubsetSolver):
             info["note"] = "HiGHS cannot solve MIQPs: incumbent plus the big-M QP relaxation bound"
             return result(bound if math.isfinite(bound) else None, Status.FEASIBLE, Termination.COMPLETED)
 
-        low_rank = self.low_rank if self.low_rank is not None else problem.factor is not None
+        low_rank = self.low_rank if self.low_rank is not None else (
+            problem.factor is not None and problem.n_samples <= 2 * problem.n)
+        info["low_rank"] = low_rank
         # SCIP's tolerances are absolute: solve the block scaled to an incumbent value of 1 (scaled_problem)
         scale = 1.0 / best_val if math.isfinite(best_val) and best_val > 0 else 1.0
         scaled = scaled_problem(problem, scale)
