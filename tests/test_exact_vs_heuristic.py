@@ -203,3 +203,29 @@ def test_pyomo_default_form_proves_tall_blocks():
     res = solve_block(square, "pyomo", SolveOptions(time_limit=60))
     assert res.extra["low_rank"] is True and res.status == Status.OPTIMAL
     assert res.objective == pytest.approx(solve_block(square, "brute_force").objective, rel=1e-9)
+
+
+def test_objective_scale_is_clipped():
+    from formulations.canonical import MAX_OBJECTIVE_SCALE, objective_scale
+
+    assert objective_scale(4.0) == 0.25
+    assert objective_scale(2e-8) == MAX_OBJECTIVE_SCALE
+    assert objective_scale(1e9) == 1 / MAX_OBJECTIVE_SCALE
+    assert objective_scale(0.0) == objective_scale(-1.0) == objective_scale(math.inf) == 1.0
+
+
+@pytest.mark.skipif(not _installed("pyomo", "pyscipopt"), reason="pyomo + pyscipopt (SCIP) not installed")
+def test_pyomo_returns_on_a_near_zero_optimum():
+    """Regression: scaled by 1/U = 5e7 (E* = 2e-8), SCIP never closed this block (no time limit: a hang);
+    with the scale clipped at 1e4 it returns at once with the brute-force optimum."""
+    from engine.result import Termination
+    from engine.testing import conformance_problems
+
+    p = {q.label: q for q in conformance_problems(8, (1,))}["ill-s1-k7"]
+    exact = solve_block(p, "brute_force")
+    assert 0 < exact.objective < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnprovenOptimalityWarning)
+        res = solve_block(p, "pyomo", SolveOptions(time_limit=30))
+    assert res.termination != Termination.TIME_LIMIT
+    assert res.objective == pytest.approx(exact.objective, rel=1e-9)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from formulations.canonical import QuadraticModel, miqp_model, perspective_relaxation, scaled_problem
+from formulations.canonical import QuadraticModel, miqp_model, perspective_relaxation, objective_scale, scaled_problem
 from formulations.cuts import dense_subproblem, lower_bound_at_step, perspective_shift
 from formulations.objective import relative_gap
 from formulations.problem import BlockProblem
@@ -273,7 +273,7 @@ class CvxpySolver(SubsetSolver):
             return result(bound, Status.FEASIBLE, Termination.COMPLETED)
 
         # solver tolerances are absolute: solve the block scaled to an incumbent value of 1 (scaled_problem)
-        scale = 1.0 / best_val if math.isfinite(best_val) and best_val > 0 else 1.0
+        scale = objective_scale(best_val)
         info["objective_scale"] = scale
         canonical = miqp_model(scaled_problem(problem, scale), upper_bound=best_val * scale, low_rank=self.low_rank)
         prob, groups = cvxpy_problem(canonical)

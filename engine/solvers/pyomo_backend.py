@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from formulations.canonical import QuadraticModel, miqp_model, qp_relaxation_model, scaled_problem
+from formulations.canonical import QuadraticModel, miqp_model, qp_relaxation_model, objective_scale, scaled_problem
 from formulations.objective import optimal_update, relative_gap
 from formulations.problem import BlockProblem
 
@@ -219,7 +219,7 @@ class PyomoSolver(SubsetSolver):
             problem.factor is not None and problem.n_samples <= 2 * problem.n)
         info["low_rank"] = low_rank
         # SCIP's tolerances are absolute: solve the block scaled to an incumbent value of 1 (scaled_problem)
-        scale = 1.0 / best_val if math.isfinite(best_val) and best_val > 0 else 1.0
+        scale = objective_scale(best_val)
         scaled = scaled_problem(problem, scale)
         info["objective_scale"] = scale
         canonical = miqp_model(scaled, upper_bound=best_val * scale, low_rank=low_rank)
