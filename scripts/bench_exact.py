@@ -14,6 +14,7 @@ Solver names: bnb, highs, cvxpy (SCIP), pyomo (SCIP), gurobi (cvxpy + Gurobi, if
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.options import SolveOptions
-from engine.records import append_jsonl, environment
+from engine.records import append_jsonl, atomic_write_bytes, environment, write_json_atomic
 from engine.result import Status
 from engine.solve import UnprovenOptimalityWarning, solve_block
 from formulations.problem import BlockProblem
@@ -89,8 +90,10 @@ def _plot(records: list[dict], path: Path, time_limit: float) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                   if all(r["proven"] for r in records if r["solver"] == solver_name and r["n"] == n)]
         summary[solver_name] = {"largest_n_any_seed": max(ok) if ok else None,
                                 "largest_n_all_seeds": max(all_ok) if all_ok else None}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(args.out / "summary.json", summary)
     print(json.dumps(summary))
     print(f"wrote {records_path}, {args.out / 'time_vs_n.png'} and {args.out / 'summary.json'}")
     return 0

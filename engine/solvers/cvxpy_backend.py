@@ -12,7 +12,8 @@ FEASIBLE + TIME_LIMIT (or ITERATION_LIMIT), never OPTIMAL. cvxpy's SCIP interfac
 "warm-started" means: big-M from the incumbent's value, and the answer is never worse than the incumbent
 (we compare and fall back). SCIP's dual bound is read from the pyscipopt model cvxpy returns
 (``solver_stats.extra_stats["model"]``) and shifted by cvxpy's constant offset (problem value minus SCIP's
-objective at the same solution). Gurobi (``solver="GUROBI"``) is used when gurobipy is installed.
+objective at the same solution). The MIQP is built from ``scaled_problem(problem, 1/U)`` (incumbent value 1:
+solver tolerances are absolute; see ``engine.solvers.pyomo_backend``) and the bound divided back. Gurobi (``solver="GUROBI"``) is used when gurobipy is installed.
 
 **Relaxation mode** (``relaxation="perspective"``): ``formulations.canonical.perspective_relaxation``
 (rotated cones v_i² ≤ s_i z_i written as SOC(s + z, [2v; s − z])) solved by CLARABEL (or SCS), with the
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from formulations.canonical import QuadraticModel, miqp_model, perspective_relaxation
+from formulations.canonical import QuadraticModel, miqp_model, perspective_relaxation, objective_scale, scaled_problem
 from formulations.cuts import dense_subproblem, lower_bound_at_step, perspective_shift
 from formulations.objective import relative_gap
 from formulations.problem import BlockProblem
@@ -271,7 +272,10 @@ class CvxpySolver(SubsetSolver):
             info["conic_value"] = conic if math.isfinite(conic) else None
             return result(bound, Status.FEASIBLE, Termination.COMPLETED)
 
-        canonical = miqp_model(problem, upper_bound=best_val, low_rank=self.low_rank)
+        # solver tolerances are absolute: solve the block scaled to an incumbent value of 1 (scaled_problem)
+        scale = objective_scale(best_val)
+        info["objective_scale"] = scale
+        canonical = miqp_model(scaled_problem(problem, scale), upper_bound=best_val * scale, low_rank=self.low_rank)
         prob, groups = cvxpy_problem(canonical)
         remaining = None if deadline is None else max(deadline - time.perf_counter(), 1.0)
         try:
@@ -294,9 +298,11 @@ class CvxpySolver(SubsetSolver):
         bound, native = self._native_bound(prob, offset_ok=z is not None and prob.value is not None
                                            and math.isfinite(prob.value))
         info["native_status"] = native
+        if bound is not None:
+            bound /= scale
         if status == cp.OPTIMAL:
             if bound is None:
-                bound = float(prob.value)
+                bound = float(prob.value) / scale
             if best_val - bound <= (self.rel_gap + _CLAIM_RTOL) * max(abs(best_val), 1e-12):
                 return result(bound, Status.OPTIMAL, Termination.OPTIMAL)
             info["note"] = "solver claimed optimality but its bound does not match the re-scored support"

@@ -13,10 +13,17 @@ solver interfaces (``pyomo.contrib.solver``): ``scip_direct`` (pyscipopt), ``gur
   the process deadlocks in ``write`` and never returns, whatever the time limit — the "ignored time
   limit" of DESIGN §1b. We always pass ``display/verblevel = 0``; with it, limits of 5-10 s return on time.
 * SCIP's bound is far better on the low-rank form (v, z, r with r = X(v − w), diagonal objective) than on
-  the dense form (n = 30, 10 s: lower bound 0.28 vs −22), so the low-rank form is the default here when
-  a factor is held. Warm start: the incumbent's z is passed as a partial MIP start
+  the dense form when N is comparable to n (n = 30, N = 60, 10 s: lower bound 0.28 vs −22), but the
+  low-rank form carries N extra variables and N·n coupling nonzeros: on real MLPNet rows (n = 20,
+  N = 1000) it did not prove even k = 1 in 30 s where the dense form took 0.08 s; on random blocks with
+  n = 12, k = 2, N = 400 it took 9.1 s against 1.6 s. So the default (``low_rank=None``) is the low-rank
+  form when a factor with N ≤ 2n rows is held, else the dense one. Warm start: the incumbent's z is passed as a partial MIP start
   (``warmstart_discrete_vars``) and the answer is never worse than the incumbent (we compare and fall
   back).
+* Scaling: SCIP's tolerances are absolute, so on a block whose optimum is ~1e-5 (ill-conditioned random
+  blocks with λ = 1e-4, n = 8-20) it claimed "optimal" with a bound 3 % below the re-scored support
+  (reported as ERROR). The MIQP is therefore built from ``scaled_problem(problem, 1/U)`` (incumbent value 1;
+  same support, same big-M) and the bound divided back; those blocks are then proven (measured).
 * Status: SCIP "optimal" (Pyomo ``convergenceCriteriaSatisfied``) → OPTIMAL only if the returned support's
   re-scored E agrees with SCIP's bound within ``rel_gap`` + 1e-5 (SCIP's feasibility tolerance 1e-6
   lets its objective be off by ~2e-6 relative, measured); a time limit → FEASIBLE with TIME_LIMIT and SCIP's dual bound; anything
@@ -31,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from formulations.canonical import QuadraticModel, miqp_model, qp_relaxation_model
+from formulations.canonical import QuadraticModel, miqp_model, qp_relaxation_model, objective_scale, scaled_problem
 from formulations.objective import optimal_update, relative_gap
 from formulations.problem import BlockProblem
 
@@ -108,7 +115,7 @@ class PyomoSolver(SubsetSolver):
     ----------
     solver_name : "scip" (default), "gurobi" (needs gurobipy; its pip licence is size-limited), or "highs"
         (relaxation only: returns the incumbent with the QP relaxation's bound, not exact).
-    low_rank : MIQP form (None: low-rank whenever a factor is held, SCIP's better form; see the module docstring).
+    low_rank : MIQP form (None: low-rank when a factor with N ≤ 2n rows is held, else dense; module docstring).
     rel_gap : the MIP gap asked of the solver (default 1e-9).
     threads : solver threads (default 1).
     solver_options : extra native parameters (e.g. {"limits/nodes": 1000} for SCIP).
@@ -208,8 +215,14 @@ class PyomoSolver(SubsetSolver):
             info["note"] = "HiGHS cannot solve MIQPs: incumbent plus the big-M QP relaxation bound"
             return result(bound if math.isfinite(bound) else None, Status.FEASIBLE, Termination.COMPLETED)
 
-        low_rank = self.low_rank if self.low_rank is not None else problem.factor is not None
-        canonical = miqp_model(problem, upper_bound=best_val, low_rank=low_rank)
+        low_rank = self.low_rank if self.low_rank is not None else (
+            problem.factor is not None and problem.n_samples <= 2 * problem.n)
+        info["low_rank"] = low_rank
+        # SCIP's tolerances are absolute: solve the block scaled to an incumbent value of 1 (scaled_problem)
+        scale = objective_scale(best_val)
+        scaled = scaled_problem(problem, scale)
+        info["objective_scale"] = scale
+        canonical = miqp_model(scaled, upper_bound=best_val * scale, low_rank=low_rank)
         model = pyomo_model(canonical)
         # initial values: the incumbent and its optimal update (z drives the MIP start)
         x0 = np.zeros(canonical.n_vars)
@@ -217,7 +230,7 @@ class PyomoSolver(SubsetSolver):
         x0[canonical.var_names["v"]] = v0
         x0[canonical.var_names["z"]] = best_S.astype(np.float64)
         if "r" in canonical.var_names:
-            x0[canonical.var_names["r"]] = problem.factor_matrix().astype(np.float64) @ (v0 - problem.weights)
+            x0[canonical.var_names["r"]] = scaled.factor_matrix().astype(np.float64) @ (v0 - problem.weights)
         for j in range(canonical.n_vars):
             model.x[j].set_value(float(x0[j]), skip_validation=True)
         remaining = None if deadline is None else max(deadline - time.perf_counter(), 1.0)
@@ -241,7 +254,7 @@ class PyomoSolver(SubsetSolver):
         tc = res.termination_condition
         info["termination_condition"] = str(tc.name if hasattr(tc, "name") else tc)
         bound = res.objective_bound
-        bound = float(bound) if bound is not None and math.isfinite(bound) else None
+        bound = float(bound) / scale if bound is not None and math.isfinite(bound) else None
         try:
             nodes = int(res.extra_info.NNodes)
         except Exception:  # noqa: BLE001 - node counts are informative only (not every backend reports them)
@@ -252,7 +265,7 @@ class PyomoSolver(SubsetSolver):
             S = np.zeros(n, dtype=bool)
             S[np.argsort(-z, kind="stable")[:k]] = True
             val = float(evaluator.values(S[None, :])[0])
-            info["solver_objective"] = None if res.incumbent_objective is None else float(res.incumbent_objective)
+            info["solver_objective"] = None if res.incumbent_objective is None else float(res.incumbent_objective) / scale
             if val < best_val:
                 best_S, best_val = S, val
         if tc == TerminationCondition.convergenceCriteriaSatisfied:
