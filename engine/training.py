@@ -262,7 +262,7 @@ def rescale_init(model: nn.Module, masks: Mapping[str, torch.Tensor], images: to
         for n, a in alphas.items():
             live[n].mul_(a.detach())
     apply_masks(model, masks)
-    return {"scales": {n: float(a) for n, a in alphas.items()}, "loss_first": first, "loss_last": last}
+    return {"scales": {n: float(a.detach()) for n, a in alphas.items()}, "loss_first": first, "loss_last": last}
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -19,7 +19,7 @@ from engine.cli import main
 from engine.data import load_digits
 from engine.errors import CBSError, CheckpointError, DataNotFoundError, InvalidOptionError
 from engine.ghost import GhostSkip, SoftActivation, SoftNeurons
-from engine.models import MLPNet, ResNet20, build_model, small_mlp
+from engine.models import MLP, MLPNet, ResNet20, build_model, small_mlp
 from engine.sparse_masks import load_mask_file, make_mask, mask_scores, mask_sparsity, select_mask
 from engine.training import TrainConfig, apply_masks, count_parameters, rescale_init, train
 
@@ -75,7 +75,8 @@ def test_soft_neurons_replace_and_restore_relus():
     assert [m for m in model.modules() if type(m) is nn.ReLU] == relus  # the very same objects
 
 
-@pytest.mark.parametrize("make,shape", [(ResNet20, (4, 3, 32, 32)), (MLPNet, (4, 1, 28, 28)), (small_mlp, (4, 64))])
+@pytest.mark.parametrize("make,shape", [(ResNet20, (4, 3, 32, 32)), (MLPNet, (4, 1, 28, 28)), (small_mlp, (4, 64)),
+                                        (lambda: MLP(8, (8, 8), 8), (4, 8))])
 def test_ghost_skip_is_exact_at_scale_zero_and_removable(make, shape):
     torch.manual_seed(0)
     model = make().eval()
@@ -83,14 +84,28 @@ def test_ghost_skip_is_exact_at_scale_zero_and_removable(make, shape):
     reference = model(x)
     before, count = _structure(model), count_parameters(model)
     ghost = GhostSkip(model)
-    assert ghost.n_ghost_parameters() > 0
+    identity = shape == (4, 8)  # equal widths: parameter-free identity skips
+    assert (ghost.n_ghost_parameters() == 0) == identity
     near = model(x)  # scale 1, branches initialised at 1e-4: a small perturbation, not zero
-    assert 0 < float((near - reference).abs().max()) < 1e-2 * float(reference.abs().max()) + 1e-3
+    if identity:  # x added to the output two layers up, at full scale
+        torch.testing.assert_close(near, reference + _mlp_identity_reference(model, x))
+    else:
+        assert 0 < float((near - reference).abs().max()) < 1e-2 * float(reference.abs().max()) + 1e-3
     ghost.set_progress(1.0)
     torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
     ghost.remove()
     assert _structure(model) == before and count_parameters(model) == count
     torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+
+
+def _mlp_identity_reference(model: MLP, x: torch.Tensor) -> torch.Tensor:
+    """Output change of identity ghost skips (h_{i-1} added to fc_{i+1}'s output), recomputed by hand."""
+    relu, lin = torch.relu, nn.functional.linear  # functional: the modules' hooks must not fire here
+    w1, w2, w3 = (getattr(model, f"fc{i}").weight.detach() for i in (1, 2, 3))
+    h1 = relu(lin(x, w1))
+    a3 = lin(relu(lin(h1, w2) + x), w3) + h1
+    plain = lin(relu(lin(h1, w2)), w3)
+    return a3.detach() - plain
 
 
 def test_ghost_rejections():
