@@ -356,8 +356,8 @@ def train(
         on_epoch: called with each epoch's entry.
 
     Returns:
-        The record: ``history`` (per epoch: train_loss, test_accuracy, test_loss, lr, ghost_scale, beta,
-        seconds), ``final_accuracy``, ``final_test_loss``, ``achieved_sparsity`` (fraction of exact zeros
+        The record: ``history`` (per epoch: train_loss, test_accuracy, test_loss, lr, ghost_scale (s at the
+        epoch's last step), beta, ghost_norm (‖ghost weights‖₂ at the epoch's end), seconds), ``final_accuracy``, ``final_test_loss``, ``achieved_sparsity`` (fraction of exact zeros
         in the masked tensors), ``mask_sparsity``, ``parameter_count`` (final model),
         ``original_parameter_count``, ``finished``, the config, ``gradinit`` and the environment.
     """
@@ -492,6 +492,10 @@ def train(
             seen += rows.numel()
             step += 1
         epoch += 1
+        # ‖ghost weights‖ and s·‖ghost weights‖: shows whether SGD grows the branches to undo the decay of s
+        ghost_norm = None
+        if ghosts is not None and ghosts.skip is not None and ghosts.skip.n_ghost_parameters():
+            ghost_norm = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in ghosts.skip.parameters())))
         if ghosts is not None and step >= ghost_steps:
             ghosts.set_progress(1.0)
             ghosts.remove()
@@ -499,7 +503,7 @@ def train(
             _log.info("ghost phase over after epoch %d: ghost branches removed, ReLU restored", epoch)
         accuracy, test_loss = evaluate(model, x_test, y_test, batch_size=config.eval_batch_size)
         entry = {"epoch": epoch, "train_loss": loss_sum / seen, "test_accuracy": accuracy, "test_loss": test_loss,
-                 "lr": scheduler.get_last_lr()[0], "ghost_scale": scale, "beta": beta,
+                 "lr": scheduler.get_last_lr()[0], "ghost_scale": scale, "beta": beta, "ghost_norm": ghost_norm,
                  "ghost_active": ghosts is not None, "seconds": time.perf_counter() - t0}
         history.append(entry)
         _log.info("epoch %d/%d: test accuracy %.2f %%, train loss %.4f", epoch, config.epochs, accuracy, entry["train_loss"])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 CONFIGS = ("plain", "tost", "ghost_skip", "ghost_neurons", "rescale_init", "label_smoothing")
 MASKS = ("random", "cbs")
+COLORS = {"plain": "black", "tost": "tab:red", "ghost_skip": "tab:blue", "ghost_neurons": "tab:orange",
+          "rescale_init": "tab:green", "label_smoothing": "tab:purple"}
 
 
 def cbs_mask(model_name: str, sparsity: float, data_dir, cache: Path, settings: dict) -> dict:
@@ -206,7 +208,7 @@ def _plot(groups, cells, configs, path: Path, model_name: str) -> Path:
                 continue
             n = min(len(r["history"]) for r in rs)
             mean = [statistics.mean(r["history"][e]["test_accuracy"] for r in rs) for e in range(n)]
-            style = {"plain": dict(color="black", linewidth=2), "tost": dict(color="tab:red", linewidth=2)}.get(c, {})
+            style = {"color": COLORS[c], "linewidth": 2 if c in ("plain", "tost") else 1}
             ax.plot(range(1, n + 1), mean, marker="o", markersize=3, label=c, **style)
         t = rs[0]["ghost_phase_epochs"]
         ax.axvline(t, color="grey", linestyle=":", linewidth=1)
