@@ -121,6 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ghost_epochs is not None and args.ghost_epochs > args.epochs:
         raise invalid_option("--ghost-epochs", where, f"an integer in [1, --epochs = {args.epochs}]", args.ghost_epochs)
     config = TrainConfig.recipe(args.recipe, **overrides)  # every remaining range check, before any work
+    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+        raise invalid_option("--out", where, "a folder without a previous run (or pass --resume)",
+                             f"'{args.out}' (it holds checkpoint.pt)")
 
     checkpoint = args.checkpoint
     if checkpoint is None and args.data_dir is not None:

@@ -356,6 +356,15 @@ def test_cli_argument_rejections(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+def test_cli_refuses_to_overwrite_a_run(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "checkpoint.pt").write_bytes(b"")
+    code = main(["train", "--model", "mlpnet", "--mask", "random", "--sparsity", "0.5", "--epochs", "1",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "The '--out' argument of cbs train must be a folder without a previous run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mask", "random"], "The '--sparsity' argument of cbs train must be given (in [0, 1)) with --mask random. Got none."),
     (["--mask", "nosuch.pt"], "The '--mask' argument of cbs train must be one of random, magnitude, snip, grasp, synflow"),
