@@ -86,7 +86,7 @@ def test_ghost_skip_is_exact_at_scale_zero_and_removable(make, shape):
     ghost = GhostSkip(model)
     identity = shape == (4, 8)  # equal widths: parameter-free identity skips
     assert (ghost.n_ghost_parameters() == 0) == identity
-    near = model(x)  # scale 1, branches initialised at 1e-4: a small perturbation, not zero
+    near = model(x).detach()  # scale 1, branches initialised at 1e-4: a small perturbation, not zero
     if identity:  # x added to the output two layers up, at full scale
         torch.testing.assert_close(near, reference + _mlp_identity_reference(model, x))
     else:
