@@ -5,6 +5,7 @@
     cbs solvers   the solvers known here: exact?, bound?, available?, what to install
     cbs solve     solve one block problem stored as .npz (X, w, lam, k, optional g)
     cbs export-blocks   write real blocks of a zoo model as such .npz problems
+    cbs train     train a sparse mask (random, magnitude, snip, grasp, synflow, a file) plainly or with ToST
 
 Every bad argument gets one message and exit code 2 before any work starts; other failures exit 1.
 """
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("solvers", help="list the solvers: exact?, bound?, available?, what to install")
     sv.add_argument("--json", action="store_true", help="machine-readable output")
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -302,11 +306,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cbs`` console script; returns the exit code."""
+    from .train_cli import cmd_train
+
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on a bad argument
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo, "solve": _cmd_solve,
-                "export-blocks": _cmd_export}
+                "export-blocks": _cmd_export, "train": cmd_train}
     try:
         return handlers[args.command](args)
     except CBSError as exc:
