@@ -24,13 +24,13 @@ _MULTI: dict[str, dict[str, Any]] = {
     "mlpnet": dict(method="magnitude", update=True, fisher_samples=500, fisher_batch=32, damping=1e-3,
                    block_mode="whole", schedule="poly", first_order=True, step_search=True),
     "resnet20": dict(method="magnitude", update=True, fisher_samples=250, fisher_batch=16, damping=1e-3,
-                     block_mode="layer", schedule="poly", first_order=True, step_search=True),
+                     block_mode="layer", schedule="poly", first_order=True, step_search=True, loss_samples=1000),
 }
 
 #: stages by sparsity: (upper sparsity, stages); the first row whose bound is >= the target applies
 _STAGES: dict[str, list[tuple[float, int]]] = {
     "mlpnet": [(0.9, 20), (0.95, 40), (1.0, 80)],
-    "resnet20": [(0.6, 5), (0.8, 10), (1.0, 15)],
+    "resnet20": [(0.6, 4), (0.8, 8), (1.0, 12)],
 }
 
 

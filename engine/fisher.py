@@ -75,7 +75,8 @@ def per_sample_gradients(
 
     ``N = M // fisher_batch`` rows are returned (trailing samples that do not fill a mini-batch are
     dropped); row i is the gradient of the mean cross-entropy over samples [i·B, (i+1)·B).
-    ``chunk_size`` is the number of rows vmapped at once (memory ~ chunk_size · B · activations).
+    ``chunk_size`` is the number of *samples* vmapped at once, i.e. max(1, chunk_size // B) rows of B
+    samples each (memory ~ chunk_size · activations, whatever B is).
     The model's train/eval mode is restored afterwards.
     """
     if fisher_batch < 1:
@@ -120,9 +121,10 @@ def per_sample_gradients(
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, n_rows, chunk_size)
+        rows_per_chunk = max(1, chunk_size // fisher_batch)
+        starts = range(0, n_rows, rows_per_chunk)
         for s in progress(starts, total=len(starts), desc="gradients", enabled=show_progress):
-            e = min(n_rows, s + chunk_size)
+            e = min(n_rows, s + rows_per_chunk)
             grads, values = grad_fn(prunable, x[s:e], t[s:e])
             for n in parameter_names:
                 out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)

@@ -77,7 +77,8 @@ class PruneConfig:
     evaluate_update : the ``evaluate`` callback scores a mask after the CBS-U update of its block (else the
         kept weights keep their values, as in the CBS paper).
     certify : attach the dual certificate (bound, gap) to every block.
-    chunk_size : gradient rows vmapped at once.
+    chunk_size : training samples vmapped at once by the gradient computation (rows of ``fisher_batch``
+        samples are never split; memory grows with it).
     progress : progress bars (None: when stderr is a terminal).
     stages : K >= 1. With K > 1 the model is pruned along ``schedule`` towards ``sparsity``
         (:func:`formulations.allocation.sparsity_schedule`); every stage recomputes the gradients at the
