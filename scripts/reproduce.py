@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
+    ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
     args = ap.parse_args(argv)
     model_name = args.model
     configs = CONFIGS[model_name]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_acc, _ = evaluate(base_model, test_x, test_y)
     runs = [(label, s, seed) for seed in args.seeds for label in labels for s in sparsities
             if configs[label][1] == "all" or seed == args.seeds[0]]
-    todo = [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
+    todo = [] if args.report else [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
     caches: dict[int, dict] = {}
     for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
         extra = configs[label][0]

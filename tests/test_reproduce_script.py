@@ -53,6 +53,10 @@ def test_one_real_run_and_resume(shared_data, tmp_path, capsys):
     assert reproduce.main(argv) == 0  # resumed: nothing is run again
     assert "acc=" not in capsys.readouterr().out
     assert len((tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()) == 1
+    (tmp_path / "mlpnet" / "table.md").unlink()
+    assert reproduce.main(argv[:-6] + ["--out", str(tmp_path), "--report"]) == 0  # only the tables
+    assert "| magnitude (ours) |" in (tmp_path / "mlpnet" / "table.md").read_text()
+    assert len((tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()) == 1
 
 
 def test_rejects_unknown_config(shared_data, tmp_path):
