@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--allocation", choices=ALLOCATIONS, default="magnitude", help="budget across blocks")
     pr.add_argument("--preset", default="default",
                     help="prunable set: default (all conv/linear weights), cbs or chita (ResNet20)")
-    pr.add_argument("--bn-reestimate", action="store_true", help="re-estimate BatchNorm statistics after pruning")
+    bn = pr.add_mutually_exclusive_group()
+    bn.add_argument("--bn-reestimate", dest="bn_reestimate", action="store_true", default=None,
+                    help="re-estimate BatchNorm statistics after pruning (and after every stage); default: on for "
+                         "the recommended configuration of a model with BatchNorm, else off")
+    bn.add_argument("--no-bn-reestimate", dest="bn_reestimate", action="store_false")
     pr.add_argument("--time-limit", type=POSITIVE, default=None, help="per-block solver time limit (s)")
     pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="solver parameter (repeatable), e.g. --param rmp_trials=10")
@@ -187,7 +191,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import PruneConfig
     from .solvers.registry import get_solver
 
-    from .defaults import PLAIN, describe, recommended
+    from .defaults import PLAIN, describe, recommended, recommends_bn_reestimate
 
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
@@ -202,6 +206,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     else:
         base = {**PLAIN, "method": args.method}
     settings = {**base, **given}
+    bn_reestimate = args.bn_reestimate
+    if bn_reestimate is None:
+        bn_reestimate = args.method is None and recommends_bn_reestimate(args.model)
     config = PruneConfig(
         sparsity=args.sparsity, relative_damping=args.relative_damping, block_size=args.block_size,
         allocation=args.allocation, seed=args.seed, time_limit=args.time_limit, solver_params=_solver_params(args.param),
@@ -212,7 +219,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if hasattr(solver, "ensure_available"):
         solver.ensure_available()
     job = PruneJob(model=args.model, config=config, data_dir=args.data_dir, checkpoint=args.checkpoint,
-                   preset=args.preset, bn_reestimate=args.bn_reestimate, out=args.out)
+                   preset=args.preset, bn_reestimate=bn_reestimate, out=args.out)
     from .models import load_model, prunable_parameters
 
     model = load_model(job.model, job.checkpoint)  # checkpoint mismatch: exit 2, before any work

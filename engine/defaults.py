@@ -13,7 +13,7 @@ from typing import Any
 from .errors import invalid_option
 from .models import MODEL_NAMES
 
-__all__ = ["recommended", "PLAIN", "describe"]
+__all__ = ["recommended", "recommends_bn_reestimate", "PLAIN", "describe"]
 
 #: settings when the user names a method (single stage, paper-style)
 PLAIN: dict[str, Any] = dict(fisher_samples=1000, fisher_batch=1, damping=1e-3, block_mode="layer", stages=1,
@@ -43,6 +43,12 @@ def recommended(model: str, sparsity: float) -> dict[str, Any]:
         raise invalid_option("sparsity", "recommended()", "in [0, 1)", sparsity)
     stages = next(k for bound, k in _STAGES[model] if sparsity <= bound)
     return {**_MULTI[model], "stages": stages}
+
+
+def recommends_bn_reestimate(model: str) -> bool:
+    """Whether the recommended run re-estimates BatchNorm statistics (after every stage and at the end):
+    for ResNet20 it is worth points at every sparsity (docs/results.md), MLPNet has no BatchNorm."""
+    return model == "resnet20"
 
 
 def describe(settings: dict[str, Any]) -> str:

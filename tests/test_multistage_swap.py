@@ -390,3 +390,13 @@ def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared
     assert settings["method"] == rec["method"] and settings["first_order"] and settings["step_search"]
     assert settings["damping"] == rec["damping"] and settings["schedule"] == rec["schedule"]
     assert (settings["fisher_samples"], settings["fisher_batch"], settings["stages"]) == (16, 2, 2)
+
+
+def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--model", "resnet20", "--sparsity", "0.5", "--bn-reestimate", "--no-bn-reestimate",
+              "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    from engine.defaults import recommends_bn_reestimate
+
+    assert recommends_bn_reestimate("resnet20") and not recommends_bn_reestimate("mlpnet")
