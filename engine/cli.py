@@ -196,6 +196,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
+             "loss_samples": args.loss_samples,
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:
@@ -212,7 +213,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(
         sparsity=args.sparsity, relative_damping=args.relative_damping, block_size=args.block_size,
         allocation=args.allocation, seed=args.seed, time_limit=args.time_limit, solver_params=_solver_params(args.param),
-        progress=not args.no_progress and None, loss_samples=args.loss_samples, evaluate_update=args.evaluate_update,
+        progress=not args.no_progress and None, evaluate_update=args.evaluate_update,
         workers=args.workers, **settings,
     )
     solver = get_solver(config.method, **config.solver_params)  # unknown method / bad parameter: exit 2 now

@@ -400,3 +400,13 @@ def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys):
     from engine.defaults import recommends_bn_reestimate
 
     assert recommends_bn_reestimate("resnet20") and not recommends_bn_reestimate("mlpnet")
+
+
+@pytest.mark.parametrize("model", ["mlpnet", "resnet20"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.9, 0.98])
+def test_every_recommendation_builds_a_config_with_and_without_cli_overrides(model, sparsity):
+    from engine.defaults import recommended
+
+    rec = recommended(model, sparsity)
+    PruneConfig(sparsity=sparsity, **rec)
+    PruneConfig(sparsity=sparsity, **{**rec, "loss_samples": 500, "stages": 2})
