@@ -22,7 +22,7 @@ from .pruner import PruneConfig, prune
 from .masking import make_permanent
 from .records import atomic_write_bytes, environment, write_json_atomic
 
-__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors", "bn_images"]
+__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors", "bn_images", "stage_hook"]
 
 #: checkpoint file of each model, relative to the data folder (laid out like ../shared/data)
 CHECKPOINTS = {
@@ -106,6 +106,27 @@ def bn_images(job: PruneJob, train_x: torch.Tensor, seed: int) -> torch.Tensor:
     return images
 
 
+def stage_hook(job: PruneJob, train_x: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+               test_every_stage: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+    """The ``on_stage`` callback of :func:`engine.pruner.prune` for a job, and the list it fills.
+
+    After every stage but the last it re-estimates BatchNorm (with ``job.bn_reestimate``, on
+    :func:`bn_images` of a per-stage seed) and, with ``test_every_stage``, appends the stage's test
+    accuracy and loss to the list (one dict per stage)."""
+    log: list[dict[str, Any]] = []
+
+    def on_stage(stage, staged_model) -> None:
+        if job.bn_reestimate:
+            reestimate_batchnorm(staged_model, bn_images(job, train_x, job.config.seed + stage.stage),
+                                 seed=job.config.seed)
+        entry: dict[str, Any] = {"stage": stage.stage, "sparsity": stage.sparsity, "step": stage.step}
+        if test_every_stage:
+            entry["accuracy"], entry["test_loss"] = evaluate(staged_model, test_x, test_y)
+        log.append(entry)
+
+    return on_stage, log
+
+
 def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Load the model (unless the caller already loaded ``job.checkpoint`` into ``model``) and the data,
     prune, evaluate before/after, write ``job.out/record.json`` (and ``mask.pt``, ``model.pt``); return
@@ -122,16 +143,7 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
     train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
     test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")
     dense_acc, dense_loss = evaluate(model, test_x, test_y)
-    stage_log: list[dict[str, Any]] = []
-
-    def on_stage(stage, staged_model) -> None:
-        if job.bn_reestimate:
-            reestimate_batchnorm(staged_model, bn_images(job, train_x, job.config.seed + stage.stage),
-                                 seed=job.config.seed)
-        stage_acc, stage_loss = evaluate(staged_model, test_x, test_y)
-        stage_log.append({"stage": stage.stage, "sparsity": stage.sparsity, "accuracy": stage_acc,
-                          "test_loss": stage_loss, "step": stage.step})
-
+    on_stage, stage_log = stage_hook(job, train_x, test_x, test_y)
     report = prune(model, names, train_x, train_y, job.config, on_stage=on_stage if job.config.stages > 1 else None)
     acc, loss = evaluate(model, test_x, test_y)
     record: dict[str, Any] = {

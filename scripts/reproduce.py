@@ -31,7 +31,7 @@ from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
 from engine.evaluate import evaluate, reestimate_batchnorm
 from engine.models import load_model, prunable_parameters
-from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb
+from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb, stage_hook
 from engine.plots import accuracy_plot
 from engine.progress import progress
 from engine.pruner import PruneConfig, prune
@@ -153,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra)}
         config = PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
         model = copy.deepcopy(base_model)
-        stage_acc: list[float] = []
-
-        def on_stage(stage, staged):
-            if job.bn_reestimate:
-                reestimate_batchnorm(staged, bn_images(job, train_x, seed + stage.stage), seed=seed)
-            if model_name == "mlpnet":  # a test pass per stage is cheap for MLPNet only
-                stage_acc.append(evaluate(staged, test_x, test_y)[0])
+        job.config = config  # the per-stage BatchNorm seed of stage_hook is the run's seed
+        on_stage, stage_log = stage_hook(job, train_x, test_x, test_y, test_every_stage=model_name == "mlpnet")
 
         started = time.perf_counter()
         cache = caches.setdefault(seed, {}) if config.stages == 1 else None
@@ -173,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "run_seconds": run_seconds, "fisher_seconds": report.fisher_seconds, "prune_seconds": report.prune_seconds,
             "objective_total": float(sum(b.objective for b in report.blocks)),
             "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
-            "stage_accuracy": stage_acc, "settings": config.to_dict(), "peak_memory_mb": peak_memory_mb(),
+            "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e], "settings": config.to_dict(), "peak_memory_mb": peak_memory_mb(),
         }
         if job.bn_reestimate:
             reestimate_batchnorm(model, bn_images(job, train_x, seed), seed=seed)
