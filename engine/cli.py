@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--step-search", dest="step_search", action="store_true", default=None,
                     help="after each stage, take the step towards the update with the lowest training loss")
     ss.add_argument("--no-step-search", dest="step_search", action="store_false")
+    sb = pr.add_mutually_exclusive_group()
+    sb.add_argument("--step-search-bn", dest="step_search_bn", action="store_true", default=None,
+                    help="the step search scores losses with BatchNorm on batch statistics (the loss after re-estimation)")
+    sb.add_argument("--no-step-search-bn", dest="step_search_bn", action="store_false")
     pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
@@ -196,7 +200,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
-             "loss_samples": args.loss_samples,
+             "step_search_bn": args.step_search_bn, "loss_samples": args.loss_samples,
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:

@@ -17,20 +17,21 @@ __all__ = ["recommended", "recommends_bn_reestimate", "PLAIN", "describe"]
 
 #: settings when the user names a method (single stage, paper-style)
 PLAIN: dict[str, Any] = dict(fisher_samples=1000, fisher_batch=1, damping=1e-3, block_mode="layer", stages=1,
-                             schedule="exp", first_order=False, step_search=False, update=None)
+                             schedule="exp", first_order=False, step_search=False, step_search_bn=False, update=None)
 
 #: multi-stage settings shared by the recommendations (CHITA++-style; see docs/results.md)
 _MULTI: dict[str, dict[str, Any]] = {
     "mlpnet": dict(method="magnitude", update=True, fisher_samples=500, fisher_batch=32, damping=1e-3,
                    block_mode="whole", schedule="poly", first_order=True, step_search=True),
     "resnet20": dict(method="magnitude", update=True, fisher_samples=250, fisher_batch=16, damping=1e-3,
-                     block_mode="layer", schedule="poly", first_order=True, step_search=True, loss_samples=1000),
+                     block_mode="layer", schedule="poly", first_order=True, step_search=True, step_search_bn=True,
+                     loss_samples=1000),
 }
 
 #: stages by sparsity: (upper sparsity, stages); the first row whose bound is >= the target applies
 _STAGES: dict[str, list[tuple[float, int]]] = {
     "mlpnet": [(0.9, 20), (0.95, 40), (1.0, 80)],
-    "resnet20": [(0.6, 4), (0.8, 8), (1.0, 12)],
+    "resnet20": [(0.6, 4), (0.8, 8), (1.0, 20)],
 }
 
 
@@ -63,4 +64,6 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append("--first-order")
     if settings.get("step_search"):
         flags.append("--step-search")
+    if settings.get("step_search_bn"):
+        flags.append("--step-search-bn")
     return " ".join(flags)

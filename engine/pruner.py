@@ -91,6 +91,9 @@ class PruneConfig:
     step_search : after each stage, move from the masked weights towards the updated ones by the step
         τ ∈ {1, ½, ¼, …, 1/32, 0} with the lowest training loss on the loss samples (a safeguard when the
         quadratic model is trusted too far; τ = 1 is the plain update).
+    step_search_bn : the step search measures each candidate's loss with BatchNorm on the statistics of
+        the loss samples (training mode; running statistics untouched), i.e. the loss after BatchNorm
+        re-estimation, for runs that re-estimate it after every stage. No effect without BatchNorm.
     workers : blocks solved in parallel by this many processes (1: in this process).
     """
 
@@ -116,6 +119,7 @@ class PruneConfig:
     schedule: str = "exp"
     first_order: bool = False
     step_search: bool = False
+    step_search_bn: bool = False
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -152,7 +156,7 @@ class PruneConfig:
             raise invalid_option("loss_samples", where, "None or an integer >= 1", repr(self.loss_samples))
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
-        for name in ("first_order", "step_search", "evaluate_update", "relative_damping", "certify"):
+        for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
         if not isinstance(self.method, (str, SubsetSolver)) and not hasattr(self.method, "solve"):
@@ -261,11 +265,20 @@ def _stage_seed(seed: int, stage: int) -> int:
     return seed if stage == 0 else seed + 100_003 * stage
 
 
-def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000) -> float:
-    """Mean cross-entropy of ``model`` (eval mode, no gradients) on ``inputs``."""
+def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000,
+               batch_stats: bool = False) -> float:
+    """Mean cross-entropy of ``model`` (eval mode, no gradients) on ``inputs``.
+
+    ``batch_stats``: BatchNorm layers normalise with the statistics of each batch of ``inputs`` (training
+    mode) instead of their running statistics, which are left exactly as they were. That is the loss the
+    weights will have once BatchNorm is re-estimated, which stale running statistics misjudge after pruning."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    for m in norms:
+        m.train()
     try:
         with torch.no_grad():
             for s in range(0, inputs.shape[0], batch):
@@ -273,6 +286,8 @@ def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ba
                 total += float(nn.functional.cross_entropy(out, targets[s : s + batch], reduction="sum"))
                 count += out.shape[0]
     finally:
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
         model.train(was_training)
     return total / max(count, 1)
 
@@ -581,7 +596,7 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
 
     step, train_loss = 1.0, None
     if config.step_search and config.applies_update:
-        step, train_loss = _step_search(model, names, masked, updated, loss_x, loss_y)
+        step, train_loss = _step_search(model, names, masked, updated, loss_x, loss_y, config.step_search_bn)
         if step != 1.0:
             updated = {n: masked[n] + step * (updated[n] - masked[n]) for n in names}
     kept = sum(int(m.sum()) for m in new_alive.values())
@@ -646,7 +661,8 @@ STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
 
 
 def _step_search(model: nn.Module, names: list[str], masked: dict[str, torch.Tensor],
-                 updated: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+                 updated: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+                 batch_stats: bool = False) -> tuple[float, float]:
     """The step τ ∈ STEPS with the lowest training loss at masked + τ (updated − masked); (τ, loss).
 
     Both end points have the same support, so every candidate has the stage's sparsity. The model's
@@ -657,7 +673,7 @@ def _step_search(model: nn.Module, names: list[str], masked: dict[str, torch.Ten
     try:
         for tau in STEPS:
             _write_weights(model, names, {n: masked[n] + tau * (updated[n] - masked[n]) for n in names})
-            value = _mean_loss(model, inputs, targets)
+            value = _mean_loss(model, inputs, targets, batch_stats=batch_stats)
             if value < best[0] - 1e-12:
                 best = (value, tau)
     finally:

@@ -230,6 +230,42 @@ def test_step_search_never_raises_the_training_loss(trained):
     assert _mean_loss(model, x[idx], y[idx]) == pytest.approx(stage.train_loss, rel=1e-5)
 
 
+def test_batch_stats_loss_uses_batch_statistics_and_leaves_running_ones_alone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+    net.eval()
+    bn = net[1]
+    with torch.no_grad():  # running statistics far from the batch's: the two losses must differ
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(0.1)
+    x, y = torch.randn(50, 3, 8, 8), torch.randint(0, 5, (50,))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    got = _mean_loss(net, x, y, batch=20, batch_stats=True)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not net.training and not bn.training
+    # oracle: a copy in training mode, batch by batch (BatchNorm normalises each batch by its own statistics)
+    ref_net = copy.deepcopy(net).train()
+    with torch.no_grad():
+        ref = sum(float(torch.nn.functional.cross_entropy(ref_net(x[s:s + 20]), y[s:s + 20], reduction="sum"))
+                  for s in range(0, 50, 20)) / 50
+    assert got == pytest.approx(ref, rel=1e-6)
+    assert abs(got - _mean_loss(net, x, y, batch=20)) > 1e-3
+
+
+def test_step_search_bn_is_inert_without_batchnorm(trained):
+    base, x, y = trained
+    names = _names(base)
+    out = []
+    for flag in (False, True):
+        model = copy.deepcopy(base)
+        config = PruneConfig(sparsity=0.6, method="magnitude", update=True, fisher_samples=200, block_mode="whole",
+                             first_order=True, step_search=True, step_search_bn=flag, damping=1e-4, seed=2)
+        out.append(prune(model, names, x, y, config).stages[0])
+    assert out[0].step == out[1].step and out[0].train_loss == out[1].train_loss
+
+
 def test_workers_give_the_same_masks(trained):
     base, x, y = trained
     names = _names(base)
@@ -244,7 +280,8 @@ def test_workers_give_the_same_masks(trained):
 
 
 @pytest.mark.parametrize("field, value, match", [("stages", 0, "'stages'"), ("workers", 0, "'workers'"),
-                                                 ("schedule", "cubic", "'schedule'"), ("first_order", 1, "'first_order'")])
+                                                 ("schedule", "cubic", "'schedule'"), ("first_order", 1, "'first_order'"),
+                                                 ("step_search_bn", "yes", "'step_search_bn'")])
 def test_config_rejects_bad_multistage_settings(field, value, match):
     with pytest.raises(InvalidOptionError, match=match):
         PruneConfig(sparsity=0.5, **{field: value})
@@ -383,20 +420,23 @@ def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared
 
     out = tmp_path / "auto"
     code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.5",
-                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--out", str(out), "--no-progress"])
+                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--step-search-bn", "--out", str(out),
+                 "--no-progress"])
     assert code == 0
     settings = json.loads((out / "record.json").read_text())["settings"]
     rec = recommended("mlpnet", 0.5)
+    assert settings["step_search_bn"] and not rec.get("step_search_bn") and recommended("resnet20", 0.9)["step_search_bn"]
     assert settings["method"] == rec["method"] and settings["first_order"] and settings["step_search"]
     assert settings["damping"] == rec["damping"] and settings["schedule"] == rec["schedule"]
     assert (settings["fisher_samples"], settings["fisher_batch"], settings["stages"]) == (16, 2, 2)
 
 
-def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--step-search-bn", "--no-step-search-bn"]])
+def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exc:
-        main(["prune", "--model", "resnet20", "--sparsity", "0.5", "--bn-reestimate", "--no-bn-reestimate",
-              "--out", str(tmp_path)])
+        main(["prune", "--model", "resnet20", "--sparsity", "0.5", *flags, "--out", str(tmp_path)])
     assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
     from engine.defaults import recommends_bn_reestimate
 
     assert recommends_bn_reestimate("resnet20") and not recommends_bn_reestimate("mlpnet")
