@@ -202,6 +202,8 @@ def _plot(groups, cells, configs, path: Path, model_name: str) -> Path:
     nrows = math.ceil(len(cells) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.2 * nrows), squeeze=False)
     for ax, (mask, sp) in zip(axes.flat, cells):
+        # T of the cell from any of its runs (the last config need not have run in every cell)
+        t = next(g[0]["ghost_phase_epochs"] for c in configs if (g := groups.get((mask, sp, c))))
         for c in configs:
             rs = groups.get((mask, sp, c))
             if not rs:
@@ -210,7 +212,6 @@ def _plot(groups, cells, configs, path: Path, model_name: str) -> Path:
             mean = [statistics.mean(r["history"][e]["test_accuracy"] for r in rs) for e in range(n)]
             style = {"color": COLORS[c], "linewidth": 2 if c in ("plain", "tost") else 1}
             ax.plot(range(1, n + 1), mean, marker="o", markersize=3, label=c, **style)
-        t = rs[0]["ghost_phase_epochs"]
         ax.axvline(t, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{model_name}, {mask} mask, sparsity {sp:g} (T = {t})")
         ax.set_xlabel("epoch")
