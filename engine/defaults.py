@@ -31,7 +31,7 @@ _MULTI: dict[str, dict[str, Any]] = {
 #: stages by sparsity: (upper sparsity, stages); the first row whose bound is >= the target applies
 _STAGES: dict[str, list[tuple[float, int]]] = {
     "mlpnet": [(0.9, 20), (0.95, 40), (1.0, 80)],
-    "resnet20": [(0.6, 4), (0.8, 8), (1.0, 20)],
+    "resnet20": [(0.6, 4), (0.8, 8), (1.0, 12)],
 }
 
 
