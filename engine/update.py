@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import warnings
 
 import numpy as np
+import scipy.linalg.blas as blas
 import torch
 
 from formulations import objective as obj
@@ -75,6 +76,17 @@ def _rhs(problem: BlockProblem, idx: np.ndarray, XS: torch.Tensor, y: torch.Tens
     return b
 
 
+def _gram(XS: torch.Tensor, outer: bool) -> torch.Tensor:
+    """XSᵀXS (k×k; ``outer`` False) or XS XSᵀ (N×N; ``outer`` True) in float64 by BLAS syrk, which
+    computes one triangle: half the flops of the general product, which dominates large updates (the
+    MLPNet whole block at sparsity 0.5: N = 10,000, k = 16,180)."""
+    a = XS.numpy()  # (N, k), C order: seen by Fortran as the (k, N) matrix XSᵀ, so no copy is made
+    # Fortran's view is B = XSᵀ; trans=0 gives B Bᵀ = XSᵀXS, trans=1 gives BᵀB = XS XSᵀ
+    low = blas.dsyrk(1.0, a.T, trans=1 if outer else 0, lower=1)
+    G = torch.from_numpy(low)
+    return G + G.tril(-1).T  # syrk leaves the other triangle unset (zeros): mirror it
+
+
 def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
     X = _tensor(problem.factor_matrix())
     y = _tensor(problem.target())  # cached on the problem: repeated updates of one block reuse it
@@ -85,14 +97,14 @@ def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
     lam = problem.damping
     N, k = XS.shape
     if k <= N:
-        A = XS.T @ XS
+        A = _gram(XS, outer=False)
         A.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(A)
         method = "cholesky"
         if bool(_cholesky_ok(L, info)):
             return _finish(problem, idx, torch.cholesky_solve(b[:, None], L)[:, 0], XS, y, method)
     else:
-        M = XS @ XS.T
+        M = _gram(XS, outer=True)
         M.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(M)
         method = "woodbury"
