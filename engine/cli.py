@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--block-mode", choices=BLOCK_MODES, default=None,
                     help="layer, whole, chunk or row (default: chunk when --block-size is given, else layer)")
     pr.add_argument("--block-size", type=POSITIVE_INT, default=None, help="weights per block with --block-mode chunk")
-    pr.add_argument("--allocation", choices=ALLOCATIONS, default="magnitude", help="budget across blocks")
+    pr.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                    help="budget across blocks (default: magnitude, or the recommended configuration's)")
     pr.add_argument("--preset", default="default",
                     help="prunable set: default (all conv/linear weights), cbs or chita (ResNet20)")
     bn = pr.add_mutually_exclusive_group()
@@ -190,17 +191,16 @@ def _solver_params(items: list[str]) -> dict:
     return params
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import PruneJob, run_prune
-    from .pruner import PruneConfig
-    from .solvers.registry import get_solver
-
+def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
+    """The PruneConfig settings and the BatchNorm re-estimation switch of a parsed ``cbs prune``: the
+    recommended configuration (no ``--method``) or the paper-style ``PLAIN`` one, every flag given
+    overriding it."""
     from .defaults import PLAIN, describe, recommended, recommends_bn_reestimate
 
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
-             "step_search_bn": args.step_search_bn, "loss_samples": args.loss_samples,
+             "step_search_bn": args.step_search_bn, "loss_samples": args.loss_samples, "allocation": args.allocation,
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:
@@ -210,13 +210,26 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                          describe(base))
     else:
         base = {**PLAIN, "method": args.method}
-    settings = {**base, **given}
     bn_reestimate = args.bn_reestimate
     if bn_reestimate is None:
         bn_reestimate = args.method is None and recommends_bn_reestimate(args.model)
+    if not bn_reestimate and base.get("step_search_bn"):
+        # the recommendation scores steps on batch statistics because it re-estimates BatchNorm after
+        # every stage; without re-estimation the running statistics are the ones the model will use
+        base = {**base, "step_search_bn": False}
+    settings = {**base, **given}
+    return settings, bn_reestimate
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PruneJob, run_prune
+    from .pruner import PruneConfig
+    from .solvers.registry import get_solver
+
+    settings, bn_reestimate = prune_settings(args)
     config = PruneConfig(
         sparsity=args.sparsity, relative_damping=args.relative_damping, block_size=args.block_size,
-        allocation=args.allocation, seed=args.seed, time_limit=args.time_limit, solver_params=_solver_params(args.param),
+        seed=args.seed, time_limit=args.time_limit, solver_params=_solver_params(args.param),
         progress=not args.no_progress and None, evaluate_update=args.evaluate_update,
         workers=args.workers, **settings,
     )

@@ -58,6 +58,8 @@ def describe(settings: dict[str, Any]) -> str:
              f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
              f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
              f"--schedule {settings['schedule']}"]
+    if settings.get("allocation", "magnitude") != "magnitude":
+        flags.append(f"--allocation {settings['allocation']}")
     if settings.get("update"):
         flags.append("--update")
     if settings.get("first_order"):

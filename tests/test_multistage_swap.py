@@ -420,8 +420,8 @@ def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared
 
     out = tmp_path / "auto"
     code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.5",
-                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--step-search-bn", "--out", str(out),
-                 "--no-progress"])
+                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--step-search-bn", "--allocation", "uniform",
+                 "--out", str(out), "--no-progress"])
     assert code == 0
     settings = json.loads((out / "record.json").read_text())["settings"]
     rec = recommended("mlpnet", 0.5)
@@ -429,6 +429,28 @@ def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared
     assert settings["method"] == rec["method"] and settings["first_order"] and settings["step_search"]
     assert settings["damping"] == rec["damping"] and settings["schedule"] == rec["schedule"]
     assert (settings["fisher_samples"], settings["fisher_batch"], settings["stages"]) == (16, 2, 2)
+    assert settings["allocation"] == "uniform"
+
+
+def test_cli_recommendation_without_bn_reestimate_scores_steps_on_running_statistics():
+    from engine.cli import build_parser, prune_settings
+    from engine.defaults import recommended
+
+    rec = recommended("resnet20", 0.9)
+    base = ["prune", "--model", "resnet20", "--sparsity", "0.9", "--out", "x"]
+    settings, bn = prune_settings(build_parser().parse_args(base))
+    assert bn and settings == rec  # the recommendation as it is, re-estimation on
+    settings, bn = prune_settings(build_parser().parse_args(base + ["--no-bn-reestimate"]))
+    assert not bn and rec["step_search_bn"] and not settings["step_search_bn"]
+    assert {k: v for k, v in settings.items() if k != "step_search_bn"} == {k: v for k, v in rec.items()
+                                                                           if k != "step_search_bn"}
+    # an explicit flag still wins, and --allocation overrides the recommendation's budget
+    settings, bn = prune_settings(build_parser().parse_args(base + ["--no-bn-reestimate", "--step-search-bn",
+                                                                    "--allocation", "obs"]))
+    assert not bn and settings["step_search_bn"] and settings["allocation"] == "obs"
+    # a named method starts from the paper-style settings: no re-estimation, no batch-statistics steps
+    settings, bn = prune_settings(build_parser().parse_args(base + ["--method", "magnitude"]))
+    assert not bn and not settings["step_search_bn"] and settings["stages"] == 1 and "allocation" not in settings
 
 
 @pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--step-search-bn", "--no-step-search-bn"]])
