@@ -13,11 +13,16 @@ the same command skips what is done, so an interrupted sweep resumes), ``table.m
 over seeds, the published numbers beside), ``timing.md`` (seconds and peak memory of each run),
 ``accuracy.png``; and prints where it wrote them. ResNet20 runs record the accuracy with and without
 BatchNorm re-estimation (both columns are in the tables).
+
+``--set KEY=VALUE`` (repeatable) overrides one setting of every run, for searching around a
+configuration (``--configs multi-stage --set damping=1e-2 --out results/search/damping``); the records
+keep the settings each run used.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import sys
 import time
@@ -29,6 +34,7 @@ import torch
 
 from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
+from engine.errors import CBSError
 from engine.evaluate import evaluate, reestimate_batchnorm
 from engine.models import load_model, prunable_parameters
 from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb, stage_hook
@@ -118,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
+    ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                    help="override one PruneConfig setting of every run (repeatable; a Python literal, e.g. "
+                         "--set damping=1e-2 --set allocation='magnitude'); use a separate --out for such runs")
     args = ap.parse_args(argv)
     model_name = args.model
     configs = CONFIGS[model_name]
@@ -125,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in labels if c not in configs]
     if unknown:
         ap.error(f"argument --configs: unknown label(s) {unknown}; choose from {', '.join(configs)}")
+    overrides: dict[str, Any] = {}
+    fields = set(PruneConfig.__dataclass_fields__) - {"sparsity", "seed", "progress"}
+    for item in args.overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            ap.error(f"argument --set: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}. Got {item!r}.")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text  # a bare word, e.g. allocation=obs
+    try:
+        PruneConfig(sparsity=0.5, **overrides)  # a bad value fails here, before any work
+    except (CBSError, TypeError) as exc:
+        ap.error(f"argument --set: {exc}")
     sparsities = args.sparsities or SPARSITIES[model_name]
     if any(not 0 <= s < 1 for s in sparsities):
         ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     caches: dict[int, dict] = {}
     for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
         extra = configs[label][0]
-        settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra)}
+        settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra), **overrides}
         config = PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
         model = copy.deepcopy(base_model)
         job.config = config  # the per-stage BatchNorm seed of stage_hook is the run's seed

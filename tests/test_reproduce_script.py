@@ -63,3 +63,25 @@ def test_rejects_unknown_config(shared_data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         reproduce.main(["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "nope", "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("item, message", [("nope=1", "KEY one of"), ("damping", "KEY one of"),
+                                           ("damping=-1", "'damping'"), ("stages=0", "'stages'")])
+def test_set_rejects_bad_overrides_before_any_work(tmp_path, capsys, item, message):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--model", "mlpnet", "--data-dir", str(tmp_path / "missing"), "--set", item,
+                        "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "mlpnet").exists()
+
+
+def test_set_overrides_every_run(shared_data, tmp_path):
+    argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "--sparsities", "0.9",
+            "--seeds", "0", "--set", "fisher_samples=64", "--set", "update=True", "--set", "allocation=uniform",
+            "--out", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()]
+    settings = rec["settings"]
+    assert (settings["fisher_samples"], settings["update"], settings["allocation"]) == (64, True, "uniform")
+    assert settings["damping"] == reproduce.BASE["mlpnet"]["damping"]  # the rest is the config's own
