@@ -14,6 +14,7 @@ over seeds, the published numbers beside), ``timing.md`` (seconds and peak memor
 ``accuracy.png``; and prints where it wrote them. ResNet20 runs record the accuracy with and without
 BatchNorm re-estimation (both columns are in the tables).
 
+``--bn-samples M`` sets the images of every ResNet20 BatchNorm re-estimation (4,000 by default).
 ``--set KEY=VALUE`` (repeatable) overrides one setting of every run, for searching around a
 configuration (``--configs multi-stage --set damping=1e-2 --out results/search/damping``); the records
 keep the settings each run used.
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
+    ap.add_argument("--bn-samples", type=int, default=4000,
+                    help="ResNet20: training images of each BatchNorm re-estimation (x2 augmented copies; 4000)")
     ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                     help="override one PruneConfig setting of every run (repeatable; a Python literal, e.g. "
                          "--set damping=1e-2 --set allocation='magnitude'); use a separate --out for such runs")
@@ -154,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
-    # validates the data folder before any work; ResNet20's BatchNorm re-estimation uses 4,000 training
-    # images (x2 augmented copies), after every stage and at the end
+    # validates the data folder (and --bn-samples) before any work; ResNet20's BatchNorm re-estimation
+    # uses --bn-samples training images (x2 augmented copies), after every stage and at the end
+    if args.bn_samples < 1:
+        ap.error(f"argument --bn-samples: must be an integer >= 1. Got {args.bn_samples}.")
     job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
-                   bn_reestimate=model_name == "resnet20", bn_samples=4000)
+                   bn_reestimate=model_name == "resnet20", bn_samples=args.bn_samples)
     out = args.out / model_name
     records = out / "records.jsonl"
     done = {_key(r): r for r in read_jsonl(records)} if records.exists() else {}

@@ -76,6 +76,13 @@ def test_set_rejects_bad_overrides_before_any_work(tmp_path, capsys, item, messa
     assert not (tmp_path / "mlpnet").exists()
 
 
+def test_rejects_bad_bn_samples(shared_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--model", "resnet20", "--data-dir", str(shared_data), "--bn-samples", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--bn-samples" in capsys.readouterr().err
+
+
 def test_set_overrides_every_run(shared_data, tmp_path):
     argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "--sparsities", "0.9",
             "--seeds", "0", "--set", "fisher_samples=64", "--set", "update=True", "--set", "allocation=uniform",
