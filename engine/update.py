@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg.blas as blas
+import scipy.linalg.lapack as lapack
 import torch
 
 from formulations import objective as obj
@@ -76,15 +77,19 @@ def _rhs(problem: BlockProblem, idx: np.ndarray, XS: torch.Tensor, y: torch.Tens
     return b
 
 
-def _gram(XS: torch.Tensor, outer: bool) -> torch.Tensor:
-    """XSᵀXS (k×k; ``outer`` False) or XS XSᵀ (N×N; ``outer`` True) in float64 by BLAS syrk, which
-    computes one triangle: half the flops of the general product, which dominates large updates (the
-    MLPNet whole block at sparsity 0.5: N = 10,000, k = 16,180)."""
+def _gram_cholesky(XS: torch.Tensor, lam: float, outer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower Cholesky factor L of XSᵀXS + λI (k×k; ``outer`` False) or XS XSᵀ + λI (N×N; ``outer``
+    True), float64, and LAPACK's ``info`` (0 = success), as ``torch.linalg.cholesky_ex`` returns them.
+
+    The Gram matrix comes from BLAS syrk, which computes one triangle: half the flops of the general
+    product, which dominates large updates (the MLPNet whole block at sparsity 0.5: N = 10,000,
+    k = 16,180). LAPACK potrf factors that triangle in place, so no second N×N copy is made."""
     a = XS.numpy()  # (N, k), C order: seen by Fortran as the (k, N) matrix XSᵀ, so no copy is made
     # Fortran's view is B = XSᵀ; trans=0 gives B Bᵀ = XSᵀXS, trans=1 gives BᵀB = XS XSᵀ
-    low = blas.dsyrk(1.0, a.T, trans=1 if outer else 0, lower=1)
-    G = torch.from_numpy(low)
-    return G + G.tril(-1).T  # syrk leaves the other triangle unset (zeros): mirror it
+    A = blas.dsyrk(1.0, a.T, trans=1 if outer else 0, lower=1)
+    A[np.diag_indices_from(A)] += lam
+    L, info = lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)  # clean: zeros above the diagonal
+    return torch.from_numpy(L), torch.tensor(info)
 
 
 def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
@@ -97,16 +102,12 @@ def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
     lam = problem.damping
     N, k = XS.shape
     if k <= N:
-        A = _gram(XS, outer=False)
-        A.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(A)
+        L, info = _gram_cholesky(XS, lam, outer=False)
         method = "cholesky"
         if bool(_cholesky_ok(L, info)):
             return _finish(problem, idx, torch.cholesky_solve(b[:, None], L)[:, 0], XS, y, method)
     else:
-        M = _gram(XS, outer=True)
-        M.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(M)
+        L, info = _gram_cholesky(XS, lam, outer=True)
         method = "woodbury"
         if bool(_cholesky_ok(L, info)):
             t = torch.cholesky_solve((XS @ b)[:, None], L)[:, 0]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.cli import POSITIVE_INT
 from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
 from engine.errors import CBSError
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
-    ap.add_argument("--bn-samples", type=int, default=4000,
+    ap.add_argument("--bn-samples", type=POSITIVE_INT, default=4000,
                     help="ResNet20: training images of each BatchNorm re-estimation (x2 augmented copies; 4000)")
     ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                     help="override one PruneConfig setting of every run (repeatable; a Python literal, e.g. "
@@ -157,10 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
-    # validates the data folder (and --bn-samples) before any work; ResNet20's BatchNorm re-estimation
-    # uses --bn-samples training images (x2 augmented copies), after every stage and at the end
-    if args.bn_samples < 1:
-        ap.error(f"argument --bn-samples: must be an integer >= 1. Got {args.bn_samples}.")
+    # validates the data folder before any work; ResNet20's BatchNorm re-estimation uses --bn-samples
+    # training images (x2 augmented copies), after every stage and at the end
     job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
                    bn_reestimate=model_name == "resnet20", bn_samples=args.bn_samples)
     out = args.out / model_name
