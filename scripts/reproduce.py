@@ -14,6 +14,12 @@ over seeds, the published numbers beside), ``timing.md`` (seconds and peak memor
 ``accuracy.png``; and prints where it wrote them. ResNet20 runs record the accuracy with and without
 BatchNorm re-estimation (both columns are in the tables).
 
+``--jobs J`` runs the sweep in J worker processes (``--threads`` torch and BLAS threads each; by default
+the cores divided by J). The runs that share cached gradients (the single-stage configurations of one
+seed) go to one worker, in one unit; the largest units are handed out first, each to the next free
+worker. Only the parent writes ``records.jsonl``, so a parallel sweep resumes like a serial one.
+Peak memory is then per worker: the machine holds J of them.
+
 ``--bn-samples M`` sets the images of every ResNet20 BatchNorm re-estimation (4,000 by default).
 ``--set KEY=VALUE`` (repeatable) overrides one setting of every run, for searching around a
 configuration (``--configs multi-stage --set damping=1e-2 --out results/search/damping``); the records
@@ -25,8 +31,12 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import multiprocessing as mp
+import os
+import queue
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +86,20 @@ CONFIGS: dict[str, dict[str, tuple[Any, str]]] = {
 }
 
 
+#: seconds of one run per stage, as measured in the sweeps of docs/results.md (MLPNet: one thread per
+#: worker, --jobs 2, quiet machine; ResNet20: one thread, under load): only used to hand out the largest
+#: units of a parallel sweep first
+RUN_SECONDS = {
+    "mlpnet": {"magnitude": 15, "woodfisher": 33, "cbs": 18, "magnitude+update": 16, "woodfisher+update": 16,
+               "iht": 70, "swap": 40, "multi-stage": 0.4},
+    "resnet20": {"magnitude": 15, "woodfisher": 18, "cbs": 83, "magnitude+update": 10, "woodfisher+update": 10,
+                 "iht": 69, "swap": 142, "multi-stage": 75},
+}
+#: labels whose runs reuse another label's cached results beyond the gradients (the same supports, so
+#: the same update; diag(H⁻¹)), so a parallel sweep keeps them in that label's unit
+CACHE_GROUP = {"magnitude+update": "magnitude", "woodfisher+update": "woodfisher"}
+
+
 def _key(r: dict) -> tuple:
     return (r["label"], round(r["sparsity"], 6), r["seed"])
 
@@ -116,6 +140,139 @@ def timing_table(rows: list[dict], sparsities: list[float]) -> str:
     return "\n".join(lines)
 
 
+def run_config(model_name: str, label: str, s: float, seed: int, overrides: dict[str, Any]) -> PruneConfig:
+    """The settings of one run: BASE, then the label's CONFIGS entry, then the --set overrides."""
+    extra = CONFIGS[model_name][label][0]
+    settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra), **overrides}
+    return PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
+
+
+class _Sweep:
+    """What the runs of one sweep share: the dense model, the data, the BatchNorm job and the cached
+    gradients of the current seed (one process holds one; a parallel sweep, one per worker)."""
+
+    def __init__(self, model_name: str, data_dir: str, bn_samples: int, overrides: dict[str, Any]) -> None:
+        self.model_name, self.overrides = model_name, overrides
+        self.job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=Path(data_dir),
+                            bn_reestimate=model_name == "resnet20", bn_samples=bn_samples)
+        self.base_model = load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name])
+        self.names = [n for n, _ in prunable_parameters(self.base_model, PRESET[model_name])]
+        self.train_x, self.train_y = dataset_for_model(model_name, data_dir, "train")
+        self.test_x, self.test_y = dataset_for_model(model_name, data_dir, "test")
+        self.dense_acc, _ = evaluate(self.base_model, self.test_x, self.test_y)
+        self.caches: dict[int, dict] = {}
+
+    def run(self, label: str, s: float, seed: int) -> dict[str, Any]:
+        """Prune a copy of the dense model with the run's settings; its record (accuracy, times, memory)."""
+        config = run_config(self.model_name, label, s, seed, self.overrides)
+        model = copy.deepcopy(self.base_model)
+        job = self.job
+        job.config = config  # the per-stage BatchNorm seed of stage_hook is the run's seed
+        on_stage, stage_log = stage_hook(job, self.train_x, self.test_x, self.test_y,
+                                         test_every_stage=self.model_name == "mlpnet")
+        cache = None
+        if config.stages == 1:
+            for other in [k for k in self.caches if k != seed]:  # one seed's gradients at a time
+                del self.caches[other]
+            cache = self.caches.setdefault(seed, {})
+        started = time.perf_counter()
+        report = prune(model, self.names, self.train_x, self.train_y, config, cache=cache,
+                       on_stage=on_stage if config.stages > 1 else None)
+        run_seconds = time.perf_counter() - started
+        acc, loss = evaluate(model, self.test_x, self.test_y)
+        rec: dict[str, Any] = {
+            "model": self.model_name, "label": label, "sparsity": s, "seed": seed, "accuracy": acc,
+            "test_loss": loss, "dense_accuracy": self.dense_acc, "achieved_sparsity": report.achieved_sparsity,
+            "n_keep": report.n_keep, "run_seconds": run_seconds, "fisher_seconds": report.fisher_seconds,
+            "prune_seconds": report.prune_seconds,
+            "objective_total": float(sum(b.objective for b in report.blocks)),
+            "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
+            "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e], "settings": config.to_dict(),
+            "peak_memory_mb": peak_memory_mb(),
+        }
+        if job.bn_reestimate:
+            reestimate_batchnorm(model, bn_images(job, self.train_x, seed), seed=seed)
+            rec["accuracy_no_bn_reestimate"] = acc
+            rec["accuracy"], rec["test_loss"] = evaluate(model, self.test_x, self.test_y)
+        return rec
+
+
+def _units(model_name: str, todo: list[tuple[str, float, int]], overrides: dict[str, Any]) -> list[list[tuple]]:
+    """The runs of a parallel sweep, grouped and ordered: single-stage runs of one seed (and cache group)
+    form one unit, as they share cached gradients; every multi-stage run is a unit of its own. Units come
+    largest first by the estimate ``RUN_SECONDS`` × stages (the longest-processing-time-first rule)."""
+    units: dict[tuple, list[tuple]] = {}
+    cost: dict[tuple, float] = {}
+    for label, s, seed in todo:
+        stages = run_config(model_name, label, s, seed, overrides).stages
+        key = (CACHE_GROUP.get(label, label), seed) if stages == 1 else (label, s, seed)
+        units.setdefault(key, []).append((label, s, seed))
+        cost[key] = cost.get(key, 0.0) + RUN_SECONDS[model_name].get(label, 60.0) * stages
+    return [units[k] for k in sorted(units, key=lambda k: -cost[k])]
+
+
+def _worker(tasks: Any, results: Any, threads: int, sweep_args: tuple) -> None:
+    """A worker process of a parallel sweep: runs the units it takes from ``tasks`` until a None, and
+    sends ("record", rec) for every run, then ("done", None); ("error", traceback) if a run fails."""
+    try:
+        torch.set_num_threads(threads)
+        sweep = _Sweep(*sweep_args)
+        while (unit := tasks.get()) is not None:
+            for label, s, seed in unit:
+                results.put(("record", sweep.run(label, s, seed)))
+        results.put(("done", None))
+    except BaseException:  # noqa: BLE001 - the parent reports it and stops the other workers
+        results.put(("error", traceback.format_exc()))
+
+
+#: the thread-count variables a worker's BLAS (OpenBLAS, MKL) and OpenMP read when they load
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _parallel(units: list[list[tuple]], jobs: int, threads: int, sweep_args: tuple):
+    """Run ``units`` in ``jobs`` spawned worker processes; yield each run's record as it arrives. A failed
+    run stops the sweep with its traceback (the records already yielded are kept by the caller)."""
+    ctx = mp.get_context("spawn")  # not fork: a forked torch/OpenMP runtime can hang in the child
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for unit in units:
+        tasks.put(unit)
+    for _ in range(jobs):
+        tasks.put(None)
+    saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+    os.environ.update({v: str(threads) for v in _THREAD_VARS})  # read by the children's BLAS at import
+    try:
+        procs = [ctx.Process(target=_worker, args=(tasks, results, threads, sweep_args)) for _ in range(jobs)]
+        for p in procs:
+            p.start()
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
+    finished = 0
+    try:
+        while finished < jobs:
+            try:
+                kind, payload = results.get(timeout=5.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a sweep worker died (exit code {dead[0]}; out of memory?)") from None
+                continue
+            if kind == "record":
+                yield payload
+            elif kind == "error":
+                raise RuntimeError(f"a sweep worker failed:\n{payload}")
+            else:
+                finished += 1
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(PUBLISHED), required=True)
@@ -123,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=None, help="labels of CONFIGS to run (default: all)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--threads", type=POSITIVE_INT, default=None,
+                    help="torch (and BLAS, with --jobs) threads of each process (default: torch's own choice; "
+                         "with --jobs J, the cores divided by J)")
+    ap.add_argument("--jobs", type=POSITIVE_INT, default=1,
+                    help="worker processes running the sweep's runs side by side (default 1: in this process)")
     ap.add_argument("--out", type=Path, default=Path("results/reproduce"))
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
     ap.add_argument("--bn-samples", type=POSITIVE_INT, default=4000,
@@ -155,58 +316,49 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = args.sparsities or SPARSITIES[model_name]
     if any(not 0 <= s < 1 for s in sparsities):
         ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
     # validates the data folder before any work; ResNet20's BatchNorm re-estimation uses --bn-samples
     # training images (x2 augmented copies), after every stage and at the end
-    job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
-                   bn_reestimate=model_name == "resnet20", bn_samples=args.bn_samples)
+    PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
+             bn_reestimate=model_name == "resnet20", bn_samples=args.bn_samples)
     out = args.out / model_name
     records = out / "records.jsonl"
     done = {_key(r): r for r in read_jsonl(records)} if records.exists() else {}
 
-    base_model = load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name])
-    names = [n for n, _ in prunable_parameters(base_model, PRESET[model_name])]
-    train_x, train_y = dataset_for_model(model_name, data_dir, "train")
-    test_x, test_y = dataset_for_model(model_name, data_dir, "test")
-    dense_acc, _ = evaluate(base_model, test_x, test_y)
     runs = [(label, s, seed) for seed in args.seeds for label in labels for s in sparsities
             if configs[label][1] == "all" or seed == args.seeds[0]]
     todo = [] if args.report else [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
-    caches: dict[int, dict] = {}
-    for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
-        extra = configs[label][0]
-        settings = {**BASE[model_name], **(extra(s) if callable(extra) else extra), **overrides}
-        config = PruneConfig(sparsity=s, seed=seed, progress=False, **settings)
-        model = copy.deepcopy(base_model)
-        job.config = config  # the per-stage BatchNorm seed of stage_hook is the run's seed
-        on_stage, stage_log = stage_hook(job, train_x, test_x, test_y, test_every_stage=model_name == "mlpnet")
+    jobs = min(args.jobs, max(len(todo), 1))
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
+    sweep_args = (model_name, str(data_dir), args.bn_samples, overrides)
 
-        started = time.perf_counter()
-        cache = caches.setdefault(seed, {}) if config.stages == 1 else None
-        report = prune(model, names, train_x, train_y, config, cache=cache,
-                       on_stage=on_stage if config.stages > 1 else None)
-        run_seconds = time.perf_counter() - started
-        acc, loss = evaluate(model, test_x, test_y)
-        rec: dict[str, Any] = {
-            "model": model_name, "label": label, "sparsity": s, "seed": seed, "accuracy": acc, "test_loss": loss,
-            "dense_accuracy": dense_acc, "achieved_sparsity": report.achieved_sparsity, "n_keep": report.n_keep,
-            "run_seconds": run_seconds, "fisher_seconds": report.fisher_seconds, "prune_seconds": report.prune_seconds,
-            "objective_total": float(sum(b.objective for b in report.blocks)),
-            "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
-            "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e], "settings": config.to_dict(), "peak_memory_mb": peak_memory_mb(),
-        }
-        if job.bn_reestimate:
-            reestimate_batchnorm(model, bn_images(job, train_x, seed), seed=seed)
-            rec["accuracy_no_bn_reestimate"] = acc
-            rec["accuracy"], rec["test_loss"] = evaluate(model, test_x, test_y)
+    def keep(rec: dict) -> None:
+        rec["jobs"], rec["threads"] = jobs, threads
         if not done:
             rec["environment"] = environment()
         append_jsonl(records, rec)
         done[_key(rec)] = rec
-        sys.stdout.write(f"{label:>18} s={s:<5} seed={seed} acc={rec['accuracy']:.2f} ({run_seconds:.0f} s)\n")
+        sys.stdout.write(f"{rec['label']:>18} s={rec['sparsity']:<5} seed={rec['seed']} acc={rec['accuracy']:.2f} "
+                         f"({rec['run_seconds']:.0f} s)\n")
         sys.stdout.flush()
+
+    started = time.perf_counter()
+    if jobs > 1:
+        units = _units(model_name, todo, overrides)
+        for rec in progress(_parallel(units, jobs, threads, sweep_args), total=len(todo),
+                            desc=f"reproduce {model_name} ({jobs} jobs)"):
+            keep(rec)
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        sweep = _Sweep(*sweep_args)
+        for label, s, seed in progress(todo, total=len(todo), desc=f"reproduce {model_name}"):
+            keep(sweep.run(label, s, seed))
+    wall = time.perf_counter() - started
+    dense_acc = next((r["dense_accuracy"] for r in done.values()), None)
+    if dense_acc is None:  # nothing recorded yet (e.g. --report on an empty folder)
+        dense_acc, _ = evaluate(load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name]),
+                                *dataset_for_model(model_name, data_dir, "test"))
 
     rows = [r for r in done.values() if r["label"] in labels]
     table = accuracy_table(rows, model_name, sparsities)
@@ -215,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         parts += ["", "Without BatchNorm re-estimation:", "",
                   accuracy_table(rows, model_name, sparsities, "accuracy_no_bn_reestimate")]
     timing = timing_table(rows, sparsities)
+    if todo:
+        timing += (f"\n\nLast invocation: {len(todo)} runs in {wall:.0f} s wall "
+                   f"(--jobs {jobs}, --threads {threads or torch.get_num_threads()}).")
     atomic_write_bytes(out / "table.md", ("\n".join(parts) + "\n").encode())
     atomic_write_bytes(out / "timing.md", (timing + "\n").encode())
     refs = {k: v for k, v in PUBLISHED[model_name].items() if k != "dense"}

@@ -33,10 +33,9 @@ def test_configs_are_valid_prune_configs():
     from engine.pruner import PruneConfig
 
     for model, configs in reproduce.CONFIGS.items():
-        for label, (extra, _) in configs.items():
+        for label in configs:
             for s in reproduce.SPARSITIES[model]:
-                settings = {**reproduce.BASE[model], **(extra(s) if callable(extra) else extra)}
-                PruneConfig(sparsity=s, **settings)
+                assert isinstance(reproduce.run_config(model, label, s, 0, {}), PruneConfig)
     assert set(reproduce.SPARSITIES) == set(PUBLISHED)
 
 
@@ -92,3 +91,51 @@ def test_set_overrides_every_run(shared_data, tmp_path):
     settings = rec["settings"]
     assert (settings["fisher_samples"], settings["update"], settings["allocation"]) == (64, True, "uniform")
     assert settings["damping"] == reproduce.BASE["mlpnet"]["damping"]  # the rest is the config's own
+
+
+def test_units_keep_cache_sharers_together_and_come_largest_first():
+    todo = [(label, s, seed) for seed in (0, 1) for label in ("magnitude", "woodfisher", "woodfisher+update",
+                                                              "iht", "multi-stage") for s in (0.5, 0.98)
+            if seed == 0 or label == "multi-stage"]
+    units = reproduce._units("mlpnet", todo, {})
+    assert sorted(run for unit in units for run in unit) == sorted(todo)  # every run exactly once
+    (wf,) = [u for u in units if any(label == "woodfisher" for label, _, _ in u)]
+    assert {label for label, _, _ in wf} == {"woodfisher", "woodfisher+update"}  # they share diag(H⁻¹)
+    assert all(len(u) == 1 for u in units if u[0][0] == "multi-stage")  # no cache: one run per unit
+    assert units[0][0][0] == "iht"  # the largest estimate (2 × 43 s) is handed out first
+    cost = [sum(reproduce.RUN_SECONDS["mlpnet"][label] * reproduce.run_config("mlpnet", label, s, seed, {}).stages
+                for label, s, seed in u) for u in units]
+    assert cost == sorted(cost, reverse=True)
+
+
+def test_parallel_sweep_gives_the_serial_records(shared_data, tmp_path):
+    """--jobs 2 (spawned workers, records written by the parent) against the same runs in this process."""
+    import subprocess
+    import sys
+
+    common = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "magnitude+update",
+              "--sparsities", "0.95", "0.98", "--seeds", "0", "--set", "fisher_samples=256"]
+    script = Path(reproduce.__file__)
+    done = subprocess.run([sys.executable, str(script), *common, "--jobs", "2", "--out", str(tmp_path / "par")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(--jobs 2, --threads 1)" in (tmp_path / "par" / "mlpnet" / "timing.md").read_text()
+    assert reproduce.main([*common, "--out", str(tmp_path / "ser")]) == 0
+
+    def records(folder):
+        rows = [json.loads(line) for line in (tmp_path / folder / "mlpnet" / "records.jsonl").read_text().splitlines()]
+        return {reproduce._key(r): r for r in rows}
+
+    par, ser = records("par"), records("ser")
+    assert set(par) == set(ser) and len(par) == 4
+    for key in par:
+        assert par[key]["jobs"] == 2 and ser[key]["jobs"] == 1
+        assert par[key]["accuracy"] == pytest.approx(ser[key]["accuracy"], abs=0.02)
+        assert par[key]["objective_total"] == pytest.approx(ser[key]["objective_total"], rel=1e-6)
+
+
+def test_rejects_bad_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["--model", "mlpnet", "--data-dir", str(tmp_path), "--jobs", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--jobs" in capsys.readouterr().err
