@@ -13,6 +13,8 @@ Python API::
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,7 +92,8 @@ class PruneConfig:
         loss's second-order Taylor model, CHITA's α = 1/B). Then the update is also a damped Newton step.
     step_search : after each stage, move from the masked weights towards the updated ones by the step
         τ ∈ {1, ½, ¼, …, 1/32, 0} with the lowest training loss on the loss samples (a safeguard when the
-        quadratic model is trusted too far; τ = 1 is the plain update).
+        quadratic model is trusted too far; τ = 1 is the plain update). The grid is walked down from
+        τ = 1 until the loss stops falling, and τ = 0 is always tried (:func:`search_steps`).
     step_search_bn : the step search measures each candidate's loss with BatchNorm on the statistics of
         the loss samples (training mode; running statistics untouched), i.e. the loss after BatchNorm
         re-estimation, for runs that re-estimate it after every stage. No effect without BatchNorm.
@@ -424,7 +427,8 @@ def prune(
         the stage's (pruned weights zero, no masks yet): e.g. to re-estimate BatchNorm or log accuracy.
     cache : a dict the caller keeps between calls (sweeps): the first stage's gradients and block
         problems are stored there and reused by later calls with the same weights (checked by a
-        fingerprint), samples and Fisher settings, and so are derived data such as diag(H⁻¹).
+        fingerprint), samples and Fisher settings, and so are derived data such as diag(H⁻¹) and the
+        update of every set of supports already solved.
     """
     if not isinstance(config, PruneConfig):
         raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
@@ -562,7 +566,18 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
 
     # ---- update (also scores E(S) for the record when the update is not applied)
     t2 = time.perf_counter()
-    updates = batched_update(problems, [r.support for r in results])
+    # a sweep's cache also keeps the updates: "magnitude" (scored by the update) and "magnitude+update"
+    # choose the same supports of the same problems, so the second one reuses the first one's solve
+    ukey = None
+    if key is not None:
+        ukey = ("update", key, tuple(hashlib.sha1(np.ascontiguousarray(r.support).tobytes()).hexdigest()
+                                     for r in results))
+    if ukey is not None and ukey in cache:
+        updates = copy.deepcopy(cache[ukey])
+    else:
+        updates = batched_update(problems, [r.support for r in results])
+        if ukey is not None:
+            cache[ukey] = copy.deepcopy(updates)
     update_seconds = time.perf_counter() - t2
     records = []
     for b, p, r, u in zip(blocks, problems, results, updates):
@@ -660,22 +675,49 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
 STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
 
 
+def search_steps(loss: Callable[[float], float], steps: tuple[float, ...] = STEPS) -> tuple[float, float, int]:
+    """The step of lowest ``loss`` among those tried; (τ, loss(τ), number of losses computed).
+
+    ``steps`` run from the full update down to τ = 0 (the masked weights). They are tried in that order
+    until one is no lower than the one before it (the loss along the segment has then passed its first
+    minimum on the grid), and τ = steps[-1] is always tried as well. So the answer equals the minimum over
+    the whole grid whenever the loss along τ has a single minimum there, and it is never above the masked
+    weights' loss; typically three losses are computed instead of seven."""
+    best_tau, best_value = steps[0], loss(steps[0])
+    previous, count = best_value, 1
+    for tau in steps[1:-1]:
+        value = loss(tau)
+        count += 1
+        if value < best_value - 1e-12:
+            best_tau, best_value = tau, value
+        if value >= previous - 1e-12:
+            break
+        previous = value
+    if steps[-1] != steps[0]:
+        value = loss(steps[-1])
+        count += 1
+        if value < best_value - 1e-12:
+            best_tau, best_value = steps[-1], value
+    return best_tau, best_value, count
+
+
 def _step_search(model: nn.Module, names: list[str], masked: dict[str, torch.Tensor],
                  updated: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
                  batch_stats: bool = False) -> tuple[float, float]:
-    """The step τ ∈ STEPS with the lowest training loss at masked + τ (updated − masked); (τ, loss).
+    """The step τ of :func:`search_steps` over STEPS, on the training loss at masked + τ (updated − masked);
+    (τ, loss).
 
     Both end points have the same support, so every candidate has the stage's sparsity. The model's
     weights are restored before returning."""
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().reshape(-1).clone() for n in names}
-    best = (math.inf, 1.0)
+
+    def loss(tau: float) -> float:
+        _write_weights(model, names, {n: masked[n] + tau * (updated[n] - masked[n]) for n in names})
+        return _mean_loss(model, inputs, targets, batch_stats=batch_stats)
+
     try:
-        for tau in STEPS:
-            _write_weights(model, names, {n: masked[n] + tau * (updated[n] - masked[n]) for n in names})
-            value = _mean_loss(model, inputs, targets, batch_stats=batch_stats)
-            if value < best[0] - 1e-12:
-                best = (value, tau)
+        tau, value, _ = search_steps(loss)
     finally:
         _write_weights(model, names, saved)
-    return best[1], best[0]
+    return tau, value

@@ -16,7 +16,7 @@ from engine.errors import InvalidOptionError
 from engine.fisher import per_sample_gradients
 from engine.models import prunable_parameters
 from engine.options import SolveOptions
-from engine.pruner import STEPS, PruneConfig, _mean_loss, prune
+from engine.pruner import STEPS, PruneConfig, _mean_loss, prune, search_steps
 from engine.result import SolveResult
 from engine.solve import solve_block
 from engine.solvers.base import Capabilities, SubsetSolver
@@ -210,6 +210,37 @@ def test_first_order_term_is_the_mean_gradient(trained):
         np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_step_search_equals_the_grid_minimum_when_the_loss_has_one_minimum(seed):
+    """Oracle: the minimum over all of STEPS. A convex loss along the segment (a random parabola or
+    |·| curve in τ) has a single minimum on the grid; the early stop must find it."""
+    rng = np.random.default_rng(seed)
+    centre, scale = rng.uniform(-0.2, 1.3), rng.uniform(0.1, 5.0)
+    curve = (lambda t: scale * (t - centre) ** 2) if seed % 2 else (lambda t: scale * abs(t - centre))
+    calls = []
+
+    def loss(t):
+        calls.append(t)
+        return curve(t) + 1.0
+
+    tau, value, count = search_steps(loss)
+    best = min(STEPS, key=lambda t: (curve(t), STEPS.index(t)))
+    assert tau == best and value == pytest.approx(curve(best) + 1.0)
+    assert count == len(calls) and calls[0] == 1.0 and calls[-1] == 0.0
+    assert count <= len(STEPS)
+
+
+def test_step_search_tries_the_masked_weights_and_stops_early():
+    losses = {1.0: 2.0, 0.5: 1.5, 0.25: 1.7, 0.125: 0.1, 0.0625: 0.1, 0.03125: 0.1, 0.0: 3.0}
+    calls = []
+    tau, value, count = search_steps(lambda t: calls.append(t) or losses[t])
+    # stops after 0.25 (no lower than 0.5), so the dip at 0.125 is not seen; τ = 0 is still tried
+    assert (tau, value, count) == (0.5, 1.5, 4) and calls == [1.0, 0.5, 0.25, 0.0]
+    losses[0.0] = 1.0  # the masked weights beat the first minimum: they are chosen
+    assert search_steps(lambda t: losses[t])[:2] == (0.0, 1.0)
+    assert search_steps(lambda t: {1.0: 0.5}.get(t, 1.0))[:2] == (1.0, 0.5)  # the full update, 3 losses
+
+
 def test_step_search_never_raises_the_training_loss(trained):
     base, x, y = trained
     model = copy.deepcopy(base)
@@ -385,8 +416,9 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
         model = copy.deepcopy(base)
         reports.append(prune(model, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                              block_mode="layer", allocation="obs"), cache=cache))
-    assert len(cache) == 1
-    (blocks, positions, problems, _, _), = cache.values()
+    problem_keys = [k for k in cache if k[0] != "update"]
+    assert len(problem_keys) == 1 and len(cache) == 2  # the problems, and the update of the one mask
+    blocks, positions, problems, _, _ = cache[problem_keys[0]]
     assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._cache if isinstance(k, tuple)) for p in problems)
     fresh = prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                                 block_mode="layer", allocation="obs"))
@@ -398,7 +430,32 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
         next(other.parameters()).mul_(0.5)
     prune(other, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150, block_mode="layer",
                                           allocation="obs"), cache=cache)
-    assert len(cache) == 2
+    assert len([k for k in cache if k[0] != "update"]) == 2
+
+
+def test_cache_reuses_the_update_of_the_same_supports(trained):
+    """magnitude (scored by the update) then magnitude+update on one cache: the second run takes the first
+    one's update; oracle: the same run without a cache."""
+    base, x, y = trained
+    names = _names(base)
+    cache = {}
+    settings = dict(sparsity=0.7, method="magnitude", fisher_samples=150, block_mode="layer")
+    prune(copy.deepcopy(base), names, x, y, PruneConfig(update=False, **settings), cache=cache)
+    assert sum(k[0] == "update" for k in cache) == 1
+    model = copy.deepcopy(base)
+    cached = prune(model, names, x, y, PruneConfig(update=True, **settings), cache=cache)
+    assert sum(k[0] == "update" for k in cache) == 1  # found, not solved again
+    fresh_model = copy.deepcopy(base)
+    fresh = prune(fresh_model, names, x, y, PruneConfig(update=True, **settings))
+    for a, b in zip(cached.results, fresh.results):
+        np.testing.assert_array_equal(a.weights, b.weights)
+        assert a.objective == b.objective
+    for (n, p), (_, q) in zip(model.named_parameters(), fresh_model.named_parameters()):
+        assert torch.equal(p, q), n
+    # the cached copy is not the run's own: editing a result leaves the cache as it was
+    cached.results[0].weights[:] = 0.0
+    again = prune(copy.deepcopy(base), names, x, y, PruneConfig(update=True, **settings), cache=cache)
+    np.testing.assert_array_equal(again.results[0].weights, fresh.results[0].weights)
 
 
 # ----------------------------------------------------------------------------- defaults
