@@ -65,13 +65,14 @@ def _net():
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
 @pytest.mark.parametrize("fisher_batch", [1, 3])
-def test_per_sample_gradients_equal_autograd_loop(fisher_batch):
+def test_per_sample_gradients_equal_autograd_loop(fisher_batch, strategy):
     model = _net()
     x = torch.randn(13, 12, dtype=torch.float32)
     y = torch.randint(0, 3, (13,))
     names = ["1.weight", "3.weight"]
-    gs = per_sample_gradients(model, names, x, y, fisher_batch=fisher_batch, chunk_size=2)
+    gs = per_sample_gradients(model, names, x, y, fisher_batch=fisher_batch, chunk_size=2, strategy=strategy)
     assert gs.n_rows == 13 // fisher_batch
     for i in range(gs.n_rows):
         model.zero_grad()
@@ -80,6 +81,42 @@ def test_per_sample_gradients_equal_autograd_loop(fisher_batch):
         for name, mod in (("1.weight", model[1]), ("3.weight", model[3])):
             np.testing.assert_allclose(gs.rows[name][i].numpy(), mod.weight.grad.flatten().numpy(), rtol=1e-5, atol=1e-6)
     assert gs.matrix().shape == (gs.n_rows, 12 * 6 + 6 * 3)
+
+
+def _conv_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+
+
+@pytest.mark.parametrize("fisher_batch", [1, 4])
+def test_per_sample_gradients_of_a_conv_net_agree_with_float64_autograd(fisher_batch):
+    """Both strategies against a float64 loop of ordinary backward passes (BatchNorm in eval mode)."""
+    model = _conv_net()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(12, 2, 5, 5), torch.randint(0, 4, (12,))
+    names = ["0.weight", "4.weight"]
+    ref = model.double().eval()
+    expected = []
+    for i in range(12 // fisher_batch):
+        sl = slice(i * fisher_batch, (i + 1) * fisher_batch)
+        loss = nn.functional.cross_entropy(ref(x[sl].double()), y[sl])
+        expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [ref[0].weight, ref[4].weight])]))
+    expected = torch.stack(expected).numpy()
+    model = model.float().train()
+    for strategy in ("vmap", "loop"):
+        gs = per_sample_gradients(model, names, x, y, fisher_batch=fisher_batch, strategy=strategy)
+        np.testing.assert_allclose(gs.matrix().numpy(), expected, rtol=1e-4, atol=1e-6)
+        assert model.training
+
+
+def test_gradient_strategy_auto_loops_over_mini_batches_of_conv_nets_only():
+    from engine.fisher import choose_strategy
+
+    assert choose_strategy(_conv_net(), 16) == "loop"
+    assert choose_strategy(_conv_net(), 4) == "loop"
+    assert choose_strategy(_conv_net(), 1) == "vmap"
+    assert choose_strategy(_net(), 32) == "vmap"
 
 
 def test_per_sample_gradients_restores_training_mode_and_rejects_bad_input():
@@ -93,3 +130,5 @@ def test_per_sample_gradients_restores_training_mode_and_rejects_bad_input():
         per_sample_gradients(model, ["nope.weight"], x, y)
     with pytest.raises(ValueError, match="'inputs'"):
         per_sample_gradients(model, ["1.weight"], x, y, fisher_batch=5)
+    with pytest.raises(ValueError, match="'strategy'.*one of auto, vmap, loop.*'fast'"):
+        per_sample_gradients(model, ["1.weight"], x, y, strategy="fast")
