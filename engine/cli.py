@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--step-search-bn", dest="step_search_bn", action="store_true", default=None,
                     help="the step search scores losses with BatchNorm on batch statistics (the loss after re-estimation)")
     sb.add_argument("--no-step-search-bn", dest="step_search_bn", action="store_false")
+    fb = pr.add_mutually_exclusive_group()
+    fb.add_argument("--fisher-bn-batch-stats", dest="fisher_bn_batch_stats", action="store_true", default=None,
+                    help="take the gradient rows with BatchNorm on each row's batch statistics (the loss after "
+                         "re-estimation; needs --fisher-batch >= 2)")
+    fb.add_argument("--no-fisher-bn-batch-stats", dest="fisher_bn_batch_stats", action="store_false")
     pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
@@ -200,7 +205,8 @@ def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
-             "step_search_bn": args.step_search_bn, "loss_samples": args.loss_samples, "allocation": args.allocation,
+             "step_search_bn": args.step_search_bn, "fisher_bn_batch_stats": args.fisher_bn_batch_stats,
+             "loss_samples": args.loss_samples, "allocation": args.allocation,
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:

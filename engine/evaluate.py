@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .data import fast_layout
 from .errors import invalid_option
 
 __all__ = ["evaluate", "reestimate_batchnorm"]
@@ -72,7 +73,7 @@ def evaluate(
         model.eval()
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
-                x = images[start : start + batch_size].to(device)
+                x = fast_layout(images[start : start + batch_size].to(device))
                 y = labels[start : start + batch_size].to(device)
                 logits = model(x)
                 loss_sum += float(nn.functional.cross_entropy(logits.double(), y, reduction="sum"))
@@ -138,7 +139,7 @@ def reestimate_batchnorm(
                 order = None if generator is None else torch.randperm(images.shape[0], generator=generator)
                 for start in range(0, images.shape[0], batch_size):
                     rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-                    model(images[rows].to(device))
+                    model(fast_layout(images[rows].to(device)))
     except BaseException:
         for m, state in zip(norms, saved):
             m.load_state_dict(state)

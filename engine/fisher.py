@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .data import fast_layout
 from .errors import invalid_option
 from .progress import progress
 
@@ -82,6 +83,7 @@ def per_sample_gradients(
     loss: str = "cross_entropy",
     show_progress: bool = False,
     strategy: str = "auto",
+    batch_stats: bool = False,
 ) -> GradientSet:
     """Gradient rows of ``parameter_names`` for ``inputs`` (M, ...) and ``targets`` (M,).
 
@@ -90,6 +92,11 @@ def per_sample_gradients(
     ``chunk_size`` is the number of *samples* vmapped at once, i.e. max(1, chunk_size // B) rows of B
     samples each (memory ~ chunk_size · activations, whatever B is).
     ``strategy``: "vmap", "loop" or "auto" (:func:`choose_strategy`); same rows up to float32 round-off.
+    ``batch_stats``: BatchNorm layers normalise each row's mini-batch with its own statistics (training
+    mode; the gradient then flows through the mean and variance too) instead of the running statistics,
+    which are left exactly as they were. That is the local model of the loss *after* BatchNorm
+    re-estimation, where a shift or rescaling of a channel that pruning causes is normalised away.
+    Needs rows of ``fisher_batch`` >= 2 samples, and always takes the "loop" strategy.
     The model's train/eval mode is restored afterwards.
     """
     if fisher_batch < 1:
@@ -137,14 +144,23 @@ def per_sample_gradients(
         strategy = choose_strategy(model, fisher_batch)
     if strategy == "loop" and not all(params[n].requires_grad for n in parameter_names):
         strategy = "vmap"  # autograd.grad needs requires_grad; functional_call does not
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
+    if norms:
+        if fisher_batch < 2:
+            raise invalid_option("fisher_batch", "per_sample_gradients(batch_stats=True)", "an integer >= 2 "
+                                 "(BatchNorm statistics of one sample are degenerate)", fisher_batch)
+        strategy = "loop"  # running statistics are written in place, which vmap cannot batch
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     was_training = model.training
     model.eval()
+    for m in norms:
+        m.train()
     try:
         if strategy == "loop":
             wanted = [params[n] for n in parameter_names]
             for i in progress(range(n_rows), total=n_rows, desc="gradients", enabled=show_progress):
                 with torch.enable_grad():
-                    value = nn.functional.cross_entropy(model(x[i]), t[i])
+                    value = nn.functional.cross_entropy(model(fast_layout(x[i])), t[i])
                     grads = torch.autograd.grad(value, wanted)
                 for n, g in zip(parameter_names, grads):
                     out[n][i] = g.reshape(-1)
@@ -159,6 +175,8 @@ def per_sample_gradients(
                     out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)
                 losses[s:e] = values.detach().to(torch.float32)
     finally:
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
         model.train(was_training)
     return GradientSet(
         names=list(parameter_names),

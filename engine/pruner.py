@@ -28,6 +28,7 @@ from formulations.allocation import SCHEDULES, allocate_global, allocate_uniform
 from formulations.problem import BlockProblem
 
 from .blocks import BLOCK_MODES, Block, make_blocks
+from .data import fast_layout
 from .errors import InvalidOptionError, invalid_option
 from .fisher import per_sample_gradients
 from .masking import apply_pruning, resolve
@@ -97,6 +98,9 @@ class PruneConfig:
     step_search_bn : the step search measures each candidate's loss with BatchNorm on the statistics of
         the loss samples (training mode; running statistics untouched), i.e. the loss after BatchNorm
         re-estimation, for runs that re-estimate it after every stage. No effect without BatchNorm.
+    fisher_bn_batch_stats : the gradient rows are taken with BatchNorm on the statistics of each row's
+        mini-batch (:func:`engine.fisher.per_sample_gradients` ``batch_stats``), the local model of the
+        loss after BatchNorm re-estimation; needs ``fisher_batch`` >= 2. No effect without BatchNorm.
     workers : blocks solved in parallel by this many processes (1: in this process).
     """
 
@@ -123,6 +127,7 @@ class PruneConfig:
     first_order: bool = False
     step_search: bool = False
     step_search_bn: bool = False
+    fisher_bn_batch_stats: bool = False
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -159,9 +164,13 @@ class PruneConfig:
             raise invalid_option("loss_samples", where, "None or an integer >= 1", repr(self.loss_samples))
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
-        for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify"):
+        for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify",
+                     "fisher_bn_batch_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
+        if self.fisher_bn_batch_stats and self.fisher_batch < 2:
+            raise invalid_option("fisher_batch", where, "an integer >= 2 when fisher_bn_batch_stats is on",
+                                 repr(self.fisher_batch))
         if not isinstance(self.method, (str, SubsetSolver)) and not hasattr(self.method, "solve"):
             raise invalid_option("method", where, "a solver name or a SubsetSolver", repr(self.method))
 
@@ -283,10 +292,13 @@ def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ba
     for m in norms:
         m.train()
     try:
+        # with running statistics the batch size does not change the loss, and on the CPU batches of a few
+        # hundred stay in cache (ResNet20: 2x faster than 2,000); with batch statistics it defines them
+        step = batch if batch_stats else min(batch, 256)
         with torch.no_grad():
-            for s in range(0, inputs.shape[0], batch):
-                out = model(inputs[s : s + batch])
-                total += float(nn.functional.cross_entropy(out, targets[s : s + batch], reduction="sum"))
+            for s in range(0, inputs.shape[0], step):
+                out = model(fast_layout(inputs[s : s + step]))
+                total += float(nn.functional.cross_entropy(out, targets[s : s + step], reduction="sum"))
                 count += out.shape[0]
     finally:
         for m, state in zip(norms, saved):
@@ -631,7 +643,8 @@ def _cache_key(config: PruneConfig, names: list[str], values: dict[str, torch.Te
     """What stage-0 block problems depend on: the settings, the draw and (a fingerprint of) the weights."""
     fingerprint = tuple((float(values[n].double().sum()), float(values[n].double().pow(2).sum())) for n in names)
     return (seed, config.fisher_samples, config.fisher_batch, config.damping, config.relative_damping,
-            config.block_mode, config.block_size, config.first_order, tuple(names), fingerprint)
+            config.block_mode, config.block_size, config.first_order, config.fisher_bn_batch_stats, tuple(names),
+            fingerprint)
 
 
 def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],
@@ -642,7 +655,8 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
     idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
     x, y = train_inputs[idx], train_targets[idx]
     grads = per_sample_gradients(
-        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show
+        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show,
+        batch_stats=config.fisher_bn_batch_stats,
     )
     blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
     positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]

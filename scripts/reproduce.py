@@ -309,13 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             overrides[key] = text  # a bare word, e.g. allocation=obs
-    try:
-        PruneConfig(sparsity=0.5, **overrides)  # a bad value fails here, before any work
-    except (CBSError, TypeError) as exc:
-        ap.error(f"argument --set: {exc}")
     sparsities = args.sparsities or SPARSITIES[model_name]
     if any(not 0 <= s < 1 for s in sparsities):
         ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")
+    try:  # every selected run's settings with the overrides: a bad value fails here, before any work
+        for label in labels:
+            for s in sparsities:
+                run_config(model_name, label, s, 0, overrides)
+    except (CBSError, TypeError) as exc:
+        ap.error(f"argument --set: {exc}")
     data_dir = args.data_dir or default_data_dir()
     # validates the data folder before any work; ResNet20's BatchNorm re-estimation uses --bn-samples
     # training images (x2 augmented copies), after every stage and at the end

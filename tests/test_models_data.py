@@ -314,3 +314,20 @@ def test_reestimate_batchnorm_restores_statistics_on_error() -> None:
     with pytest.raises(RuntimeError):
         reestimate_batchnorm(model, torch.randn(16, 5))  # wrong width: the forward fails
     assert torch.all(model[1].running_mean == 5.0) and model[1].momentum == 0.1
+
+
+def test_fast_layout_keeps_values_and_gives_the_same_logits() -> None:
+    """Channels-last is a stride change only: equal values, and a conv net's logits agree with the NCHW
+    ones to float32 round-off (checked against a float64 forward)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    fast = data.fast_layout(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, x)
+    flat = torch.randn(5, 7)
+    assert data.fast_layout(flat) is flat
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        reference = net.double()(x.double())
+        net.float()
+        torch.testing.assert_close(net(fast).double(), reference, rtol=1e-5, atol=1e-5)

@@ -312,10 +312,17 @@ def test_workers_give_the_same_masks(trained):
 
 @pytest.mark.parametrize("field, value, match", [("stages", 0, "'stages'"), ("workers", 0, "'workers'"),
                                                  ("schedule", "cubic", "'schedule'"), ("first_order", 1, "'first_order'"),
-                                                 ("step_search_bn", "yes", "'step_search_bn'")])
+                                                 ("step_search_bn", "yes", "'step_search_bn'"),
+                                                 ("fisher_bn_batch_stats", 1, "'fisher_bn_batch_stats'")])
 def test_config_rejects_bad_multistage_settings(field, value, match):
     with pytest.raises(InvalidOptionError, match=match):
         PruneConfig(sparsity=0.5, **{field: value})
+
+
+def test_config_rejects_batch_statistics_of_single_sample_rows():
+    with pytest.raises(InvalidOptionError, match="'fisher_batch'.*>= 2 when fisher_bn_batch_stats is on.*Got 1"):
+        PruneConfig(sparsity=0.5, fisher_bn_batch_stats=True)
+    assert PruneConfig(sparsity=0.5, fisher_bn_batch_stats=True, fisher_batch=2).fisher_bn_batch_stats
 
 
 @pytest.mark.parametrize("argv, match", [(["--stages", "0"], "--stages"), (["--schedule", "cubic"], "--schedule"),
@@ -325,6 +332,15 @@ def test_cli_rejects_bad_multistage_flags(tmp_path, capsys, argv, match):
         main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--out", str(tmp_path)] + argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_rejects_batch_statistics_of_single_sample_rows(tmp_path, capsys):
+    code = main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--out", str(tmp_path), "--method", "magnitude",
+                 "--fisher-bn-batch-stats"])
+    assert code == 2
+    assert ("'fisher_batch' argument of prune() must be an integer >= 2 when fisher_bn_batch_stats is on. Got 1."
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_multistage_writes_mask_and_model(shared_data, tmp_path):

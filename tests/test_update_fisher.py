@@ -110,6 +110,39 @@ def test_per_sample_gradients_of_a_conv_net_agree_with_float64_autograd(fisher_b
         assert model.training
 
 
+def test_batch_stats_gradients_equal_train_mode_autograd_and_leave_statistics_untouched():
+    """batch_stats=True: row i is the gradient with BatchNorm normalising row i's own mini-batch (a float64
+    train-mode oracle, statistics through the graph); the running statistics and the mode are unchanged."""
+    import copy
+
+    model = _conv_net()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    before = copy.deepcopy(model[1].state_dict())
+    x, y = torch.randn(12, 2, 5, 5), torch.randint(0, 4, (12,))
+    ref = copy.deepcopy(model).double().train()
+    expected = []
+    for i in range(3):
+        sl = slice(4 * i, 4 * i + 4)
+        loss = nn.functional.cross_entropy(ref(x[sl].double()), y[sl])
+        expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [ref[0].weight, ref[4].weight])]))
+    model.eval()
+    gs = per_sample_gradients(model, ["0.weight", "4.weight"], x, y, fisher_batch=4, batch_stats=True, strategy="vmap")
+    np.testing.assert_allclose(gs.matrix().numpy(), torch.stack(expected).numpy(), rtol=1e-4, atol=1e-6)
+    eval_rows = per_sample_gradients(model, ["0.weight", "4.weight"], x, y, fisher_batch=4).matrix()
+    assert not torch.allclose(eval_rows, gs.matrix(), atol=1e-3)  # the running statistics give other rows
+    assert not model.training and not model[1].training
+    for key, value in before.items():
+        assert torch.equal(model[1].state_dict()[key], value), key
+    with pytest.raises(ValueError, match="'fisher_batch'.*>= 2.*Got 1"):
+        per_sample_gradients(model, ["0.weight"], x, y, fisher_batch=1, batch_stats=True)
+    # no BatchNorm: the flag changes nothing (and single-sample rows are fine)
+    mlp = _net()
+    xm, ym = torch.randn(6, 12), torch.randint(0, 3, (6,))
+    assert torch.equal(per_sample_gradients(mlp, ["1.weight"], xm, ym, batch_stats=True).matrix(),
+                       per_sample_gradients(mlp, ["1.weight"], xm, ym).matrix())
+
+
 def test_gradient_strategy_auto_loops_over_mini_batches_of_conv_nets_only():
     from engine.fisher import choose_strategy
 
