@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="solver parameter (repeatable), e.g. --param rmp_trials=10")
     pr.add_argument("--loss-samples", type=POSITIVE_INT, default=None,
                     help="training samples scoring candidate masks (cbs); default: the Fisher samples")
+    pr.add_argument("--holdout-loss", dest="holdout_loss", action="store_true", default=None,
+                    help="draw the --loss-samples disjoint from the Fisher samples (the step search and mask "
+                         "scoring judge the update on samples it was not fitted to)")
     pr.add_argument("--evaluate-update", action="store_true",
                     help="score candidate masks after the CBS-U update (cbs; cheap at high sparsity)")
     pr.add_argument("--stages", type=POSITIVE_INT, default=None,
@@ -206,7 +209,7 @@ def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
              "step_search_bn": args.step_search_bn, "fisher_bn_batch_stats": args.fisher_bn_batch_stats,
-             "loss_samples": args.loss_samples, "allocation": args.allocation,
+             "loss_samples": args.loss_samples, "holdout_loss": args.holdout_loss, "allocation": args.allocation,
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:

@@ -75,8 +75,11 @@ class PruneConfig:
     seed : seeds the sample draw and every solver.
     time_limit : per-block solver time limit in seconds (None: none).
     solver_params : constructor parameters of the method.
-    loss_samples : training samples used by a solver's ``evaluate`` callback (cbs); None = the Fisher samples.
-        Drawn as a prefix of the same seeded permutation as the Fisher samples.
+    loss_samples : training samples used by a solver's ``evaluate`` callback (cbs) and by the step search;
+        None = the Fisher samples. Drawn as a prefix of the same seeded permutation as the Fisher samples.
+    holdout_loss : draw the loss samples right after the Fisher samples in that permutation instead, so the
+        two sets are disjoint: the step search and mask scoring then judge the update on samples it was
+        not fitted to. Needs ``loss_samples``; Fisher and loss samples together must fit in the training set.
     evaluate_update : the ``evaluate`` callback scores a mask after the CBS-U update of its block (else the
         kept weights keep their values, as in the CBS paper).
     certify : attach the dual certificate (bound, gap) to every block.
@@ -118,6 +121,7 @@ class PruneConfig:
     time_limit: float | None = None
     solver_params: dict[str, Any] = field(default_factory=dict)
     loss_samples: int | None = None
+    holdout_loss: bool = False
     evaluate_update: bool = False
     certify: bool = True
     chunk_size: int = 256
@@ -165,9 +169,11 @@ class PruneConfig:
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
         for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify",
-                     "fisher_bn_batch_stats"):
+                     "fisher_bn_batch_stats", "holdout_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
+        if self.holdout_loss and self.loss_samples is None:
+            raise invalid_option("loss_samples", where, "an integer >= 1 when holdout_loss is on", repr(self.loss_samples))
         if self.fisher_bn_batch_stats and self.fisher_batch < 2:
             raise invalid_option("fisher_batch", where, "an integer >= 2 when fisher_bn_batch_stats is on",
                                  repr(self.fisher_batch))
@@ -455,6 +461,9 @@ def prune(
     _draw(train_inputs, rows, config.seed, "fisher_samples")  # too many samples: fail before any work
     if config.loss_samples is not None:
         _draw(train_inputs, config.loss_samples, config.seed, "loss_samples")
+        if config.holdout_loss and rows + config.loss_samples > train_inputs.shape[0]:
+            raise invalid_option("loss_samples", "prune()", f"at most the {train_inputs.shape[0] - rows} training "
+                                 f"samples left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
 
     original = {n: params[n].detach().clone() for n in parameter_names}
     alive = {n: torch.ones(params[n].numel(), dtype=torch.bool) for n in parameter_names}
@@ -560,7 +569,8 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     # ---- select
     loss_x, loss_y = x, y
     if config.loss_samples is not None:
-        lidx = _draw(train_inputs, config.loss_samples, seed, "loss_samples")
+        skip = config.fisher_samples * config.fisher_batch if config.holdout_loss else 0
+        lidx = _draw(train_inputs, skip + config.loss_samples, seed, "loss_samples")[skip:]
         loss_x, loss_y = train_inputs[lidx], train_targets[lidx]
     t1 = time.perf_counter()
     options = [

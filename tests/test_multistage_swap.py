@@ -210,6 +210,46 @@ def test_first_order_term_is_the_mean_gradient(trained):
         np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("holdout", [False, True])
+def test_loss_samples_are_in_the_fisher_draw_or_disjoint_from_it_with_holdout(trained, holdout):
+    """The loss samples a solver's evaluate callback sees: a prefix of the Fisher samples by default, and
+    with holdout_loss the next samples of the same seeded permutation (none of them a Fisher sample)."""
+    base, x, y = trained
+    seen = []
+
+    class Record(SubsetSolver):
+        name = "record_loss_samples"
+        capabilities = Capabilities()
+
+        def solve(self, problem, options, warm_start=None):
+            seen.append(options.evaluate.inputs.clone())
+            return SolveResult(support=np.argsort(-np.abs(problem.weights))[: problem.n_keep])
+
+    config = PruneConfig(sparsity=0.5, method=Record(), update=True, fisher_samples=30, fisher_batch=2,
+                         block_mode="whole", loss_samples=40, holdout_loss=holdout, seed=5)
+    prune(copy.deepcopy(base), _names(base), x, y, config)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5))
+    fisher_rows = {tuple(r.tolist()) for r in x[perm[:60]]}
+    loss_rows = [tuple(r.tolist()) for r in seen[0]]
+    assert len(loss_rows) == 40
+    if holdout:
+        assert torch.equal(seen[0], x[perm[60:100]])
+        assert not fisher_rows.intersection(loss_rows)
+    else:
+        assert torch.equal(seen[0], x[perm[:40]])
+        assert set(loss_rows) <= fisher_rows
+
+
+def test_holdout_loss_needs_loss_samples_that_fit_beside_the_fisher_samples(trained):
+    base, x, y = trained
+    with pytest.raises(InvalidOptionError, match="'loss_samples'.*>= 1 when holdout_loss is on.*Got None"):
+        PruneConfig(sparsity=0.5, holdout_loss=True)
+    config = PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=x.shape[0] - 10, loss_samples=11,
+                         holdout_loss=True)
+    with pytest.raises(InvalidOptionError, match=f"at most the 10 training samples left after the {x.shape[0] - 10}"):
+        prune(copy.deepcopy(base), _names(base), x, y, config)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_step_search_equals_the_grid_minimum_when_the_loss_has_one_minimum(seed):
     """Oracle: the minimum over all of STEPS. A convex loss along the segment (a random parabola or
