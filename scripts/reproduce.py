@@ -21,6 +21,9 @@ worker. Only the parent writes ``records.jsonl``, so a parallel sweep resumes li
 Peak memory is then per worker: the machine holds J of them.
 
 ``--bn-samples M`` sets the images of every ResNet20 BatchNorm re-estimation (4,000 by default).
+``--preset NAME`` prunes another parameter set (``engine.models.prunable_parameters``; by default the
+CBS paper's: ResNet20's 18 block convs). ``--preset chita`` adds ResNet20's first conv and its fc layer,
+the set the CHITA paper prunes; the records keep the preset.
 ``--set KEY=VALUE`` (repeatable) overrides one setting of every run, for searching around a
 configuration (``--configs multi-stage --set damping=1e-2 --out results/search/damping``); the records
 keep the settings each run used.
@@ -48,7 +51,7 @@ from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
 from engine.errors import CBSError
 from engine.evaluate import evaluate, reestimate_batchnorm
-from engine.models import load_model, prunable_parameters
+from engine.models import PRUNABLE_PRESETS, load_model, prunable_parameters
 from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb, stage_hook
 from engine.plots import accuracy_plot
 from engine.progress import progress
@@ -151,12 +154,14 @@ class _Sweep:
     """What the runs of one sweep share: the dense model, the data, the BatchNorm job and the cached
     gradients of the current seed (one process holds one; a parallel sweep, one per worker)."""
 
-    def __init__(self, model_name: str, data_dir: str, bn_samples: int, overrides: dict[str, Any]) -> None:
+    def __init__(self, model_name: str, data_dir: str, bn_samples: int, overrides: dict[str, Any],
+                 preset: str | None = None) -> None:
         self.model_name, self.overrides = model_name, overrides
+        self.preset = preset or PRESET[model_name]
         self.job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=Path(data_dir),
                             bn_reestimate=model_name == "resnet20", bn_samples=bn_samples)
         self.base_model = load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name])
-        self.names = [n for n, _ in prunable_parameters(self.base_model, PRESET[model_name])]
+        self.names = [n for n, _ in prunable_parameters(self.base_model, self.preset)]
         self.train_x, self.train_y = dataset_for_model(model_name, data_dir, "train")
         self.test_x, self.test_y = dataset_for_model(model_name, data_dir, "test")
         self.dense_acc, _ = evaluate(self.base_model, self.test_x, self.test_y)
@@ -188,6 +193,7 @@ class _Sweep:
             "objective_total": float(sum(b.objective for b in report.blocks)),
             "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
             "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e], "settings": config.to_dict(),
+            "preset": self.preset,
             "peak_memory_mb": peak_memory_mb(),
         }
         if job.bn_reestimate:
@@ -289,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the plot from the records")
     ap.add_argument("--bn-samples", type=POSITIVE_INT, default=4000,
                     help="ResNet20: training images of each BatchNorm re-estimation (x2 augmented copies; 4000)")
+    ap.add_argument("--preset", choices=PRUNABLE_PRESETS, default=None,
+                    help="parameters to prune (default: the CBS paper's set, ResNet20's 18 block convs); "
+                         "'chita' adds ResNet20's conv1 and fc, the CHITA paper's set")
     ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                     help="override one PruneConfig setting of every run (repeatable; a Python literal, e.g. "
                          "--set damping=1e-2 --set allocation='magnitude'); use a separate --out for such runs")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [] if args.report else [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
     jobs = min(args.jobs, max(len(todo), 1))
     threads = args.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
-    sweep_args = (model_name, str(data_dir), args.bn_samples, overrides)
+    sweep_args = (model_name, str(data_dir), args.bn_samples, overrides, args.preset)
 
     def keep(rec: dict) -> None:
         rec["jobs"], rec["threads"] = jobs, threads

@@ -65,7 +65,8 @@ def test_rejects_unknown_config(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("item, message", [("nope=1", "KEY one of"), ("damping", "KEY one of"),
-                                           ("damping=-1", "'damping'"), ("stages=0", "'stages'")])
+                                           ("damping=-1", "'damping'"), ("stages=0", "'stages'"),
+                                           ("fisher_bn_batch_stats=True", "'fisher_batch'")])
 def test_set_rejects_bad_overrides_before_any_work(tmp_path, capsys, item, message):
     with pytest.raises(SystemExit) as exc:
         reproduce.main(["--model", "mlpnet", "--data-dir", str(tmp_path / "missing"), "--set", item,
@@ -91,6 +92,28 @@ def test_set_overrides_every_run(shared_data, tmp_path):
     settings = rec["settings"]
     assert (settings["fisher_samples"], settings["update"], settings["allocation"]) == (64, True, "uniform")
     assert settings["damping"] == reproduce.BASE["mlpnet"]["damping"]  # the rest is the config's own
+
+
+def test_set_is_checked_against_the_selected_runs_only(shared_data, tmp_path):
+    """Batch statistics need mini-batch rows: fine for multi-stage (rows of 32), rejected once a
+    single-sample configuration is selected too."""
+    common = ["--model", "mlpnet", "--data-dir", str(shared_data), "--set", "fisher_bn_batch_stats=True",
+              "--report", "--out", str(tmp_path)]
+    assert reproduce.main([*common, "--configs", "multi-stage"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main([*common, "--configs", "multi-stage", "magnitude"])
+    assert exc.value.code == 2
+
+
+def test_preset_is_used_and_recorded(shared_data, tmp_path):
+    argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "--sparsities", "0.9",
+            "--seeds", "0", "--set", "fisher_samples=64", "--preset", "chita", "--out", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()]
+    assert rec["preset"] == "chita"
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main([*argv[:-4], "--preset", "resnet", "--out", str(tmp_path)])
+    assert exc.value.code == 2
 
 
 def test_units_keep_cache_sharers_together_and_come_largest_first():
