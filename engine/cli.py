@@ -126,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="solver parameter (repeatable), e.g. --param rmp_trials=10")
     pr.add_argument("--loss-samples", type=POSITIVE_INT, default=None,
                     help="training samples scoring candidate masks (cbs); default: the Fisher samples")
-    pr.add_argument("--holdout-loss", dest="holdout_loss", action="store_true", default=None,
+    hl = pr.add_mutually_exclusive_group()
+    hl.add_argument("--holdout-loss", dest="holdout_loss", action="store_true", default=None,
                     help="draw the --loss-samples disjoint from the Fisher samples (the step search and mask "
-                         "scoring judge the update on samples it was not fitted to)")
+                         "scoring judge the update on samples it was not fitted to; on in the ResNet20 recommendation)")
+    hl.add_argument("--no-holdout-loss", dest="holdout_loss", action="store_false")
     pr.add_argument("--evaluate-update", action="store_true",
                     help="score candidate masks after the CBS-U update (cbs; cheap at high sparsity)")
     pr.add_argument("--stages", type=POSITIVE_INT, default=None,

@@ -25,7 +25,7 @@ _MULTI: dict[str, dict[str, Any]] = {
                    block_mode="whole", schedule="poly", first_order=True, step_search=True),
     "resnet20": dict(method="magnitude", update=True, fisher_samples=250, fisher_batch=16, damping=1e-3,
                      block_mode="layer", schedule="poly", first_order=True, step_search=True, step_search_bn=True,
-                     loss_samples=1000),
+                     loss_samples=1000, holdout_loss=True),
 }
 
 #: stages by sparsity: (upper sparsity, stages); the first row whose bound is >= the target applies
@@ -68,4 +68,8 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append("--step-search")
     if settings.get("step_search_bn"):
         flags.append("--step-search-bn")
+    if settings.get("loss_samples") is not None:
+        flags.append(f"--loss-samples {settings['loss_samples']}")
+    if settings.get("holdout_loss"):
+        flags.append("--holdout-loss")
     return " ".join(flags)

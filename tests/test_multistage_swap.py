@@ -566,7 +566,25 @@ def test_cli_recommendation_without_bn_reestimate_scores_steps_on_running_statis
     assert not bn and not settings["step_search_bn"] and settings["stages"] == 1 and "allocation" not in settings
 
 
-@pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--step-search-bn", "--no-step-search-bn"]])
+def test_resnet20_recommendation_holds_out_its_loss_samples_and_the_flags_override_it():
+    from engine.cli import build_parser, prune_settings
+    from engine.defaults import describe, recommended
+
+    rec = recommended("resnet20", 0.8)
+    assert rec["holdout_loss"] and rec["loss_samples"] == 1000
+    assert "--loss-samples 1000 --holdout-loss" in describe(rec)
+    assert not recommended("mlpnet", 0.9).get("holdout_loss")
+    base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
+    settings, _ = prune_settings(build_parser().parse_args(base + ["--no-holdout-loss"]))
+    assert not settings["holdout_loss"] and {k: v for k, v in settings.items() if k != "holdout_loss"} == {
+        k: v for k, v in rec.items() if k != "holdout_loss"}
+    settings, _ = prune_settings(build_parser().parse_args(base + ["--method", "magnitude"]))
+    assert "holdout_loss" not in settings  # a named method: the paper-style settings
+    PruneConfig(sparsity=0.8, **rec)  # valid as it stands
+
+
+@pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--step-search-bn", "--no-step-search-bn"],
+                                   ["--holdout-loss", "--no-holdout-loss"]])
 def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exc:
         main(["prune", "--model", "resnet20", "--sparsity", "0.5", *flags, "--out", str(tmp_path)])
