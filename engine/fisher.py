@@ -5,7 +5,8 @@ For a model with prunable parameters θ (a subset of its parameters) and samples
 samples) with respect to θ, flattened. Then X = G/√N and F = XᵀX = GᵀG/N (DESIGN.md §1).
 
 The model is evaluated in eval mode (BatchNorm uses its running statistics, dropout is off): the
-Fisher is the curvature of the function the pruned model will compute. Samples are processed in
+Fisher is the curvature of the function the pruned model will compute. ``batch_stats`` instead puts
+BatchNorm on each row's batch statistics, for runs that re-estimate BatchNorm after pruning. Samples are processed in
 chunks so that memory stays at O(chunk · |θ|) besides the output (N, |θ|), stored in float32 (the
 rows are summed in float64 later, where it matters).
 
@@ -142,8 +143,6 @@ def per_sample_gradients(
     losses = torch.empty(n_rows, dtype=torch.float32)
     if strategy == "auto":
         strategy = choose_strategy(model, fisher_batch)
-    if strategy == "loop" and not all(params[n].requires_grad for n in parameter_names):
-        strategy = "vmap"  # autograd.grad needs requires_grad; functional_call does not
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
     if norms:
         if fisher_batch < 2:
@@ -151,13 +150,16 @@ def per_sample_gradients(
                                  "(BatchNorm statistics of one sample are degenerate)", fisher_batch)
         strategy = "loop"  # running statistics are written in place, which vmap cannot batch
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    wanted = [params[n] for n in parameter_names]
+    requires = [p.requires_grad for p in wanted]
     was_training = model.training
     model.eval()
     for m in norms:
         m.train()
     try:
         if strategy == "loop":
-            wanted = [params[n] for n in parameter_names]
+            for p in wanted:
+                p.requires_grad_(True)  # autograd.grad needs it (functional_call does not); restored below
             for i in progress(range(n_rows), total=n_rows, desc="gradients", enabled=show_progress):
                 with torch.enable_grad():
                     value = nn.functional.cross_entropy(model(fast_layout(x[i])), t[i])
@@ -175,6 +177,8 @@ def per_sample_gradients(
                     out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)
                 losses[s:e] = values.detach().to(torch.float32)
     finally:
+        for p, flag in zip(wanted, requires):
+            p.requires_grad_(flag)
         for m, state in zip(norms, saved):
             m.load_state_dict(state)
         model.train(was_training)

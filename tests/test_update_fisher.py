@@ -143,6 +143,16 @@ def test_batch_stats_gradients_equal_train_mode_autograd_and_leave_statistics_un
                        per_sample_gradients(mlp, ["1.weight"], xm, ym).matrix())
 
 
+def test_loop_strategy_handles_frozen_parameters_and_restores_their_flag():
+    model = _conv_net().eval()
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 4, (8,))
+    loop = per_sample_gradients(model, ["0.weight"], x, y, fisher_batch=4, strategy="loop").matrix()
+    vmapped = per_sample_gradients(model, ["0.weight"], x, y, fisher_batch=4, strategy="vmap").matrix()
+    np.testing.assert_allclose(loop.numpy(), vmapped.numpy(), rtol=1e-4, atol=1e-6)
+    assert not model[0].weight.requires_grad
+
+
 def test_gradient_strategy_auto_loops_over_mini_batches_of_conv_nets_only():
     from engine.fisher import choose_strategy
 
