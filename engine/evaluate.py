@@ -5,6 +5,9 @@ Both functions leave the model's train/eval flags exactly as they found them (pe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -12,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .data import fast_layout
 from .errors import invalid_option
 
-__all__ = ["evaluate", "reestimate_batchnorm"]
+__all__ = ["evaluate", "reestimate_batchnorm", "eval_mode"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -37,6 +40,28 @@ def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
     for module, flag in flags:
         module.training = flag
+
+
+@contextmanager
+def eval_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
+    """``model`` in eval mode for the ``with`` block; every module's train/eval flag is restored after.
+
+    ``batch_stats``: BatchNorm layers run in training mode instead, i.e. they normalise each batch with
+    its own statistics (the loss the weights will have once BatchNorm is re-estimated), and their
+    running statistics are saved before and restored bit for bit after, so the block leaves them as
+    they were (also on error)."""
+    flags = _training_flags(model)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)] if batch_stats else []
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    model.eval()
+    for m in norms:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
+        _restore_flags(flags)
 
 
 def evaluate(

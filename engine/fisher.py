@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from .data import fast_layout
 from .errors import invalid_option
+from .evaluate import eval_mode
 from .progress import progress
 
 __all__ = ["GradientSet", "per_sample_gradients", "STRATEGIES", "choose_strategy"]
@@ -143,45 +144,37 @@ def per_sample_gradients(
     losses = torch.empty(n_rows, dtype=torch.float32)
     if strategy == "auto":
         strategy = choose_strategy(model, fisher_batch)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_stats else []
-    if norms:
+    if batch_stats and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if fisher_batch < 2:
             raise invalid_option("fisher_batch", "per_sample_gradients(batch_stats=True)", "an integer >= 2 "
                                  "(BatchNorm statistics of one sample are degenerate)", fisher_batch)
         strategy = "loop"  # running statistics are written in place, which vmap cannot batch
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     wanted = [params[n] for n in parameter_names]
     requires = [p.requires_grad for p in wanted]
-    was_training = model.training
-    model.eval()
-    for m in norms:
-        m.train()
     try:
-        if strategy == "loop":
-            for p in wanted:
-                p.requires_grad_(True)  # autograd.grad needs it (functional_call does not); restored below
-            for i in progress(range(n_rows), total=n_rows, desc="gradients", enabled=show_progress):
-                with torch.enable_grad():
-                    value = nn.functional.cross_entropy(model(fast_layout(x[i])), t[i])
-                    grads = torch.autograd.grad(value, wanted)
-                for n, g in zip(parameter_names, grads):
-                    out[n][i] = g.reshape(-1)
-                losses[i] = float(value.detach())
-        else:
-            rows_per_chunk = max(1, chunk_size // fisher_batch)
-            starts = range(0, n_rows, rows_per_chunk)
-            for s in progress(starts, total=len(starts), desc="gradients", enabled=show_progress):
-                e = min(n_rows, s + rows_per_chunk)
-                grads, values = grad_fn(prunable, x[s:e], t[s:e])
-                for n in parameter_names:
-                    out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)
-                losses[s:e] = values.detach().to(torch.float32)
+        with eval_mode(model, batch_stats):
+            if strategy == "loop":
+                for p in wanted:
+                    p.requires_grad_(True)  # autograd.grad needs it (functional_call does not); restored below
+                for i in progress(range(n_rows), total=n_rows, desc="gradients", enabled=show_progress):
+                    with torch.enable_grad():
+                        value = nn.functional.cross_entropy(model(fast_layout(x[i])), t[i])
+                        grads = torch.autograd.grad(value, wanted)
+                    for n, g in zip(parameter_names, grads):
+                        out[n][i] = g.reshape(-1)
+                    losses[i] = float(value.detach())
+            else:
+                rows_per_chunk = max(1, chunk_size // fisher_batch)
+                starts = range(0, n_rows, rows_per_chunk)
+                for s in progress(starts, total=len(starts), desc="gradients", enabled=show_progress):
+                    e = min(n_rows, s + rows_per_chunk)
+                    grads, values = grad_fn(prunable, x[s:e], t[s:e])
+                    for n in parameter_names:
+                        out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)
+                    losses[s:e] = values.detach().to(torch.float32)
     finally:
         for p, flag in zip(wanted, requires):
             p.requires_grad_(flag)
-        for m, state in zip(norms, saved):
-            m.load_state_dict(state)
-        model.train(was_training)
     return GradientSet(
         names=list(parameter_names),
         shapes=[prunable[n].shape for n in parameter_names],

@@ -331,3 +331,21 @@ def test_fast_layout_keeps_values_and_gives_the_same_logits() -> None:
         reference = net.double()(x.double())
         net.float()
         torch.testing.assert_close(net(fast).double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_mode_restores_flags_and_batchnorm_statistics_even_on_error() -> None:
+    from engine.evaluate import eval_mode
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
+    net[2].eval()  # a deliberately mixed state comes back as it was
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(net, batch_stats=True):
+            assert net[1].training and not net.training and not net[2].training
+            net(torch.randn(5, 3, 6, 6))  # updates the running statistics in training mode
+            raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == [True, True, True, False]
+    for key, value in before.items():
+        assert torch.equal(net[1].state_dict()[key], value), key
