@@ -4,6 +4,7 @@ schedules, multi-stage pruning, the first-order term, the step search, parallel 
 
 import copy
 import json
+import operator
 
 import numpy as np
 import pytest
@@ -150,6 +151,27 @@ def test_multistage_keeps_pruned_weights_pruned_and_reaches_the_target(trained):
     for _, alive in seen:  # nested supports: what a stage pruned stays pruned
         assert not torch.any(final & ~alive)
     assert not torch.any(seen[1][1] & ~seen[0][1])
+
+
+def test_multistage_row_blocks_survive_a_block_pruned_to_nothing(trained):
+    """A row block whose weights an earlier stage pruned entirely has nothing left to select or update:
+    later stages skip it (they used to fail on the empty block), it stays zero, and the target is met."""
+    base, x, y = trained
+    model = copy.deepcopy(base)
+    names = _names(model)
+    first = dict(model.named_parameters())[names[0]]
+    with torch.no_grad():
+        first[0].mul_(1e-6)  # magnitude prunes this whole row in stage 1
+    seen = []
+    config = PruneConfig(sparsity=0.8, method="magnitude", update=True, fisher_samples=100, block_mode="row",
+                         stages=3, schedule="linear", first_order=True)
+    report = prune(model, names, x, y, config,
+                   on_stage=lambda stage, staged: seen.append(int((dict(staged.named_parameters())[names[0]][0] != 0).sum())))
+    assert seen[0] == 0  # the row is dead after stage 1, so stages 2 and 3 ran with an empty block
+    assert not torch.any(report.masks[names[0]][0])
+    assert torch.all(operator.attrgetter(names[0])(model)[0] == 0)  # the weight as the model now uses it
+    assert report.n_keep == round(0.2 * report.n_total)
+    assert all(b.n > 0 for b in report.blocks)
 
 
 def test_multistage_failure_restores_the_model(trained):
@@ -474,7 +496,7 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
                                                              block_mode="layer", allocation="obs"), cache=cache))
     problem_keys = [k for k in cache if k[0] != "update"]
     assert len(problem_keys) == 1 and len(cache) == 2  # the problems, and the update of the one mask
-    blocks, positions, problems, _, _ = cache[problem_keys[0]]
+    blocks, positions, problems, _, _, _ = cache[problem_keys[0]]
     assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._cache if isinstance(k, tuple)) for p in problems)
     fresh = prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                                 block_mode="layer", allocation="obs"))
