@@ -255,6 +255,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     prunable_parameters(model, job.preset)  # unknown preset: exit 2
     try:
         record = run_prune(job, model)
+    except InvalidOptionError as exc:
+        # settings that do not fit the data (e.g. more Fisher samples than training images): run_prune
+        # checks them right after loading the data, before any work
+        sys.stderr.write(f"cbs prune: error: {exc}\n")
+        return 2
     except CBSError as exc:
         # past validation, a failure is not the user's input: exit 1, but keep the one-line message
         sys.stderr.write(f"cbs prune: error: {exc}\n")

@@ -18,7 +18,7 @@ from .data import augment_cifar10, dataset_for_model, default_data_dir
 from .errors import DataNotFoundError, invalid_option
 from .evaluate import evaluate, reestimate_batchnorm
 from .models import MODEL_NAMES, load_model, prunable_parameters
-from .pruner import PruneConfig, prune
+from .pruner import PruneConfig, check_prune_inputs, prune
 from .masking import make_permanent
 from .records import atomic_write_bytes, environment, write_json_atomic
 
@@ -142,6 +142,7 @@ def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, 
     names = [n for n, _ in prunable_parameters(model, job.preset)]
     train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
     test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")
+    check_prune_inputs(model, names, int(train_x.shape[0]), job.config)  # bad settings: fail before any work
     dense_acc, dense_loss = evaluate(model, test_x, test_y)
     on_stage, stage_log = stage_hook(job, train_x, test_x, test_y)
     report = prune(model, names, train_x, train_y, job.config, on_stage=on_stage if job.config.stages > 1 else None)

@@ -41,7 +41,7 @@ from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .update import batched_update
 
-__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "ALLOCATIONS", "default_update", "STEPS"]
+__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "check_prune_inputs", "ALLOCATIONS", "default_update", "STEPS"]
 
 log = get_logger(__name__)
 
@@ -410,6 +410,44 @@ def _budget(config: PruneConfig, problems: list[BlockProblem], n_keep: int, dead
     return allocate_global([np.abs(p.weights) for p in problems], n_keep), {}
 
 
+def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: int,
+                       config: PruneConfig) -> SubsetSolver:
+    """Every check :func:`prune` makes before any work, on its own (callers that load data first, such as
+    ``cbs prune``, run it before evaluating anything): the config type, the parameter names, the method
+    (and its solver being installed), the Fisher and loss sample counts against ``n_train`` training
+    samples, and the method's largest block. Raises :class:`InvalidOptionError` (a user-input error)
+    naming the argument; returns the solver."""
+    if not isinstance(config, PruneConfig):
+        raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
+    params = dict(model.named_parameters())
+    missing = [n for n in parameter_names if n not in params]
+    if missing or not parameter_names:
+        raise invalid_option("parameter_names", "prune()", "a non-empty list of the model's parameter names", missing)
+    solver = get_solver(config.method, **config.solver_params)
+    if hasattr(solver, "ensure_available"):
+        solver.ensure_available()
+    rows = config.fisher_samples * config.fisher_batch
+    if rows > n_train:
+        raise invalid_option("fisher_samples", "prune()", f"fisher_samples x fisher_batch at most the {n_train} "
+                             "training samples", f"{config.fisher_samples} x {config.fisher_batch} = {rows}")
+    if config.loss_samples is not None:
+        if config.loss_samples > n_train:
+            raise invalid_option("loss_samples", "prune()", f"at most the {n_train} training samples",
+                                 config.loss_samples)
+        if config.holdout_loss and rows + config.loss_samples > n_train:
+            raise invalid_option("loss_samples", "prune()", f"at most the {n_train - rows} training "
+                                 f"samples left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
+    cap = solver.capabilities
+    largest = max(b.n for b in make_blocks(parameter_names, [params[n].shape for n in parameter_names],
+                                           config.block_mode, config.block_size))
+    if cap.max_size is not None and largest > cap.max_size:
+        raise InvalidOptionError(
+            f"Method '{solver.name}' accepts blocks of at most {cap.max_size} weights; the largest block has "
+            f"{largest}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
+        )
+    return solver
+
+
 def prune(
     model: nn.Module,
     parameter_names: list[str],
@@ -438,23 +476,8 @@ def prune(
         fingerprint), samples and Fisher settings, and so are derived data such as diag(H⁻¹) and the
         update of every set of supports already solved.
     """
-    if not isinstance(config, PruneConfig):
-        raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
+    solver = check_prune_inputs(model, parameter_names, int(train_inputs.shape[0]), config)
     params = dict(model.named_parameters())
-    missing = [n for n in parameter_names if n not in params]
-    if missing or not parameter_names:
-        raise invalid_option("parameter_names", "prune()", "a non-empty list of the model's parameter names", missing)
-    solver = get_solver(config.method, **config.solver_params)
-    if hasattr(solver, "ensure_available"):
-        solver.ensure_available()
-    rows = config.fisher_samples * config.fisher_batch
-    _draw(train_inputs, rows, config.seed, "fisher_samples")  # too many samples: fail before any work
-    if config.loss_samples is not None:
-        _draw(train_inputs, config.loss_samples, config.seed, "loss_samples")
-        if config.holdout_loss and rows + config.loss_samples > train_inputs.shape[0]:
-            raise invalid_option("loss_samples", "prune()", f"at most the {train_inputs.shape[0] - rows} training "
-                                 f"samples left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
-
     original = {n: params[n].detach().clone() for n in parameter_names}
     alive = {n: torch.ones(params[n].numel(), dtype=torch.bool) for n in parameter_names}
     schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
@@ -539,12 +562,6 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         if key is not None:
             cache[key] = (blocks, positions, problems, x, y, n_total)
     fisher_seconds = time.perf_counter() - t0
-    cap = solver.capabilities
-    if cap.max_size is not None and max(p.n for p in problems) > cap.max_size:
-        raise InvalidOptionError(
-            f"Method '{solver.name}' accepts blocks of at most {cap.max_size} weights; the largest block has "
-            f"{max(p.n for p in problems)}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
-        )
 
     # ---- budget (over the alive weights; the dead ones are already counted as pruned)
     n_keep = n_keep_for(n_total, target)

@@ -125,6 +125,18 @@ def test_prune_rejects_unknown_method_and_too_many_samples(trained):
         prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=10**6))
 
 
+def test_prune_rejects_a_block_too_large_for_the_method_before_any_gradient(trained, monkeypatch):
+    base, x, y = trained
+    names = [n for n, _ in prunable_parameters(base)]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("gradients computed before the block-size check")
+
+    monkeypatch.setattr("engine.pruner.per_sample_gradients", no_work)
+    with pytest.raises(InvalidOptionError, match="at most 24 weights.*--block-size"):
+        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="brute_force", block_mode="layer"))
+
+
 # ----------------------------------------------------------------------------------------- CLI
 def _run(argv, capsys):
     try:
@@ -174,6 +186,20 @@ def test_cli_missing_data_in_data_dir_exit_2(capsys, tmp_path, shared_data):
                          "--checkpoint", str(shared_data / "weights/woodfisher_mlpnet_mnist.npz"),
                          "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "mnist" in err.lower()
+
+
+def test_cli_samples_beyond_the_training_set_exit_2_before_any_work(capsys, tmp_path, shared_data, monkeypatch):
+    """The ResNet20 recommendation holds 1,000 loss images out of the Fisher draw: 600 rows of 16 images
+    leave too few of the 10,000. The check runs right after the data is loaded, before the dense model
+    is evaluated."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated before the sample-count check")
+
+    monkeypatch.setattr("engine.pipeline.evaluate", no_work)
+    code, _, err = _run(["prune", "--model", "resnet20", "--sparsity", "0.8", "--data-dir", str(shared_data),
+                         "--fisher-samples", "600", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "'loss_samples'" in err and "400 training samples left after the 9600" in err, err
+    assert not (tmp_path / "record.json").exists()
 
 
 def test_cli_bad_solver_param_exit_2(capsys, tmp_path, shared_data):
