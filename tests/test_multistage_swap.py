@@ -625,3 +625,23 @@ def test_every_recommendation_builds_a_config_with_and_without_cli_overrides(mod
     rec = recommended(model, sparsity)
     PruneConfig(sparsity=sparsity, **rec)
     PruneConfig(sparsity=sparsity, **{**rec, "loss_samples": 500, "stages": 2})
+
+
+def test_resnet20_recommendation_doubles_its_gradient_rows_from_0_8_and_fits_the_cifar_subset():
+    """500 rows of 16 images from 0.8 up (250 below), and every ResNet20 recommendation passes prune()'s
+    own sample checks on the 10,000-image CIFAR-10 training subset of ../shared/data (Fisher images plus
+    the held-out loss images)."""
+    from engine.defaults import recommended
+    from engine.models import build_model
+    from engine.pruner import check_prune_inputs
+
+    assert recommended("resnet20", 0.7)["fisher_samples"] == 250
+    assert recommended("resnet20", 0.8)["fisher_samples"] == recommended("resnet20", 0.9)["fisher_samples"] == 500
+    model = build_model("resnet20")
+    names = [n for n, _ in prunable_parameters(model, "cbs")]
+    for sparsity in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
+        rec = recommended("resnet20", sparsity)
+        check_prune_inputs(model, names, 10_000, PruneConfig(sparsity=sparsity, **rec))
+        with pytest.raises(InvalidOptionError, match="'loss_samples'"):
+            check_prune_inputs(model, names, rec["fisher_samples"] * rec["fisher_batch"] + 999,
+                               PruneConfig(sparsity=sparsity, **rec))
