@@ -22,13 +22,15 @@ from typing import Sequence
 
 from .errors import CBSError, InvalidOptionError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "number_type", "SPARSITY", "POSITIVE_INT", "NONNEG_INT", "POSITIVE"]
 
 
 # ----------------------------------------------------------------------------- argument types
-def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+def number_type(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
             high_open: bool = False, what: str = ""):
-    """An argparse type that checks a range and says which range was expected."""
+    """An argparse type that checks a range and says which range was expected (``what``, e.g. "an
+    integer >= 1"); ``low_open``/``high_open`` exclude the bound. Shared by every command line of the
+    project (``cbs``, ``cbs train``, the scripts), so they all word a bad number the same way."""
 
     def parse(text: str):
         try:
@@ -47,10 +49,10 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
     return parse
 
 
-SPARSITY = _number(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
-POSITIVE_INT = _number(int, 1, what="an integer >= 1")
-NONNEG_INT = _number(int, 0, what="an integer >= 0")
-POSITIVE = _number(float, 0.0, low_open=True, what="a number > 0")
+SPARSITY = number_type(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
+POSITIVE_INT = number_type(int, 1, what="an integer >= 1")
+NONNEG_INT = number_type(int, 0, what="an integer >= 0")
+POSITIVE = number_type(float, 0.0, low_open=True, what="a number > 0")
 
 
 def _existing_file(text: str) -> Path:

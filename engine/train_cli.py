@@ -26,14 +26,14 @@ MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``cbs train`` on the sub-parsers of ``cbs``; returns its parser."""
-    from .cli import NONNEG_INT, POSITIVE, POSITIVE_INT, SPARSITY, _existing_dir, _existing_file, _number
+    from .cli import NONNEG_INT, POSITIVE, POSITIVE_INT, SPARSITY, _existing_dir, _existing_file, number_type
     from .ghost import SOFT_ACTIVATIONS
     from .models import MODEL_NAMES, PRUNABLE_PRESETS
     from .sparse_masks import MASK_SOURCES, SCOPES
     from .training import RECIPES
 
-    unit = _number(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
-    at_least_one = _number(float, 1.0, what="a number >= 1")
+    unit = number_type(float, 0.0, 1.0, high_open=True, what="a number in [0, 1)")
+    at_least_one = number_type(float, 1.0, what="a number >= 1")
     tr = subparsers.add_parser("train", help="train a sparse mask (random, magnitude, snip, grasp, synflow or a "
                                "mask file) with plain SGD or the ToST recipe")
     tr.add_argument("--model", required=True, choices=MODEL_NAMES)
@@ -71,7 +71,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     tr.add_argument("--epochs", type=POSITIVE_INT, required=True)
     tr.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate (default 0.05 MLPNet, 0.1 ResNet20)")
     tr.add_argument("--momentum", type=unit, default=0.9)
-    tr.add_argument("--weight-decay", type=_number(float, 0.0, what="a number >= 0"), default=None,
+    tr.add_argument("--weight-decay", type=number_type(float, 0.0, what="a number >= 0"), default=None,
                     help="default 1e-4 MLPNet, 5e-4 ResNet20")
     tr.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="default 128")
     tr.add_argument("--no-augment", action="store_true", help="ResNet20: no pad-crop-flip augmentation")

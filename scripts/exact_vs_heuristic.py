@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cli import NONNEG_INT, POSITIVE, POSITIVE_INT, number_type
 from engine.errors import InvalidOptionError
 from engine.options import SolveOptions
 from engine.progress import progress
@@ -348,43 +349,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0. Got {text!r}.") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0. Got {text!r}.")
-        return value
-    return parse
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0. Got {text!r}.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0. Got {text!r}.")
-    return value
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1). Got {text!r}.") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1). Got {text!r}.")
-    return value
-
-
-def _size(text: str) -> int:
-    value = _positive(int)(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2. Got {text!r}.")
-    return value
+_sparsity = number_type(float, 0.0, 1.0, low_open=True, high_open=True, what="a number in (0, 1)")
+_size = number_type(int, 2, what="an integer >= 2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,23 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", nargs="+", choices=("mlpnet", "random"), default=["mlpnet", "random"])
     ap.add_argument("--data-dir", type=Path, default=None, help="folder laid out like ../shared/data")
     ap.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, 0.7, 0.9, 0.95])
-    ap.add_argument("--fisher-samples", type=_positive(int), default=1000)
-    ap.add_argument("--damping", type=_positive(float), default=1e-3, help="λ of the MLPNet blocks (absolute)")
+    ap.add_argument("--fisher-samples", type=POSITIVE_INT, default=1000)
+    ap.add_argument("--damping", type=POSITIVE, default=1e-3, help="λ of the MLPNet blocks (absolute)")
     ap.add_argument("--relative-damping", action="store_true",
                     help="λ = damping · mean(diag F) per block instead (harder blocks: fc1 curvature then matters)")
     ap.add_argument("--fc1-sizes", nargs="+", type=_size, default=[20, 40, 60, 80, 100])
-    ap.add_argument("--fc1-chunks", type=_nonnegative_int, default=2, help="chunks of fc1 per size")
+    ap.add_argument("--fc1-chunks", type=NONNEG_INT, default=2, help="chunks of fc1 per size")
     ap.add_argument("--random-sizes", nargs="+", type=_size, default=[12, 18, 24])
-    ap.add_argument("--random-seeds", type=_nonnegative_int, default=2)
+    ap.add_argument("--random-seeds", type=NONNEG_INT, default=2)
     ap.add_argument("--heuristics", nargs="+", default=None,
                     help="default: magnitude woodfisher greedy cbs iht + every other non-exact registered solver")
     ap.add_argument("--exact", nargs="*", default=["highs", "pyomo", "cvxpy"],
                     help=f"exact solvers besides the reference {REFERENCE} (unavailable ones are skipped)")
-    ap.add_argument("--time-limit", type=_positive(float), default=10.0, help="per block, for --exact solvers")
-    ap.add_argument("--reference-time-limit", type=_positive(float), default=60.0, help=f"per block, for {REFERENCE}")
-    ap.add_argument("--exact-max-n", type=_positive(int), default=20, help="run --exact solvers on n <= this")
-    ap.add_argument("--seed", type=_nonnegative_int, default=0)
-    ap.add_argument("--threads", type=_positive(int), default=1, help="torch threads (set OMP/MKL/OPENBLAS too)")
+    ap.add_argument("--time-limit", type=POSITIVE, default=10.0, help="per block, for --exact solvers")
+    ap.add_argument("--reference-time-limit", type=POSITIVE, default=60.0, help=f"per block, for {REFERENCE}")
+    ap.add_argument("--exact-max-n", type=POSITIVE_INT, default=20, help="run --exact solvers on n <= this")
+    ap.add_argument("--seed", type=NONNEG_INT, default=0)
+    ap.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads (set OMP/MKL/OPENBLAS too)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("results/exact_vs_heuristic"))
     args = ap.parse_args(argv)

@@ -148,10 +148,10 @@ def test_study_summary_counts_optimal_share():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--sparsities", "1.5"], "argument --sparsities: must be in (0, 1). Got '1.5'."),
-        (["--time-limit", "0"], "argument --time-limit: must be a float > 0. Got '0'."),
-        (["--random-sizes", "1"], "argument --random-sizes: must be an integer >= 2. Got '1'."),
-        (["--fc1-chunks", "-1"], "argument --fc1-chunks: must be an integer >= 0. Got '-1'."),
+        (["--sparsities", "1.5"], "argument --sparsities: must be a number in (0, 1). Got 1.5."),
+        (["--time-limit", "0"], "argument --time-limit: must be a number > 0. Got 0."),
+        (["--random-sizes", "1"], "argument --random-sizes: must be an integer >= 2. Got 1."),
+        (["--fc1-chunks", "-1"], "argument --fc1-chunks: must be an integer >= 0. Got -1."),
         (["--heuristics", "nope"], "The '--heuristics' argument must name registered solvers"),
         (["--exact", "magnitude"], "The '--exact' argument must name exact solvers"),
     ],
