@@ -13,16 +13,17 @@ Every bad argument gets one message and exit code 2 before any work starts; othe
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import CBSError, InvalidOptionError
 
-__all__ = ["main", "build_parser", "number_type", "SPARSITY", "POSITIVE_INT", "NONNEG_INT", "POSITIVE"]
+__all__ = ["main", "build_parser", "parse_value", "number_type", "SPARSITY", "POSITIVE_INT", "NONNEG_INT", "POSITIVE"]
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -190,16 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_value(text: str) -> Any:
+    """The value of a KEY=VALUE flag (``cbs prune --param``, ``scripts/reproduce.py --set``): JSON
+    (``true``, ``1e-3``, ``"x"``, ``[1, 2]``), else a Python literal (``True``, ``None``, ``'x'``), else the
+    bare text as a string (``allocation=obs``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
 def _solver_params(items: list[str]) -> dict:
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise InvalidOptionError(f"The '--param' argument of cbs prune must look like KEY=VALUE. Got {item!r}.")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+        params[key] = parse_value(value)
     return params
 
 

@@ -32,7 +32,6 @@ keep the settings each run used.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import multiprocessing as mp
 import os
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.cli import POSITIVE_INT
+from engine.cli import POSITIVE_INT, parse_value
 from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
 from engine.errors import CBSError
@@ -299,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="parameters to prune (default: the CBS paper's set, ResNet20's 18 block convs); "
                          "'chita' adds ResNet20's conv1 and fc, the CHITA paper's set")
     ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                    help="override one PruneConfig setting of every run (repeatable; a Python literal, e.g. "
-                         "--set damping=1e-2 --set allocation='magnitude'); use a separate --out for such runs")
+                    help="override one PruneConfig setting of every run (repeatable; JSON, a Python literal or a "
+                         "bare word, as cbs prune --param: --set damping=1e-2 --set first_order=true "
+                         "--set allocation=obs); use a separate --out for such runs")
     args = ap.parse_args(argv)
     model_name = args.model
     configs = CONFIGS[model_name]
@@ -314,10 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, text = item.partition("=")
         if not sep or key not in fields:
             ap.error(f"argument --set: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}. Got {item!r}.")
-        try:
-            overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[key] = text  # a bare word, e.g. allocation=obs
+        overrides[key] = parse_value(text)  # JSON, a Python literal, or a bare word (allocation=obs)
     sparsities = args.sparsities or SPARSITIES[model_name]
     if any(not 0 <= s < 1 for s in sparsities):
         ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")

@@ -202,6 +202,19 @@ def test_cli_samples_beyond_the_training_set_exit_2_before_any_work(capsys, tmp_
     assert not (tmp_path / "record.json").exists()
 
 
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("10", 10), ("true", True), ("True", True), ("null", None), ("None", None),
+    ('"whole"', "whole"), ("'whole'", "whole"), ("obs", "obs"), ("[1, 2]", [1, 2]), ("{'a': 1}", {"a": 1}),
+    ("", ""), ("a b", "a b"),
+])
+def test_key_value_flags_read_json_python_literals_and_bare_words(text, value):
+    """cbs prune --param and reproduce.py --set read values the same way."""
+    from engine.cli import parse_value
+
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
 def test_cli_bad_solver_param_exit_2(capsys, tmp_path, shared_data):
     code, _, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--data-dir", str(shared_data),
                          "--param", "oops", "--out", str(tmp_path)], capsys)
