@@ -555,15 +555,16 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     t0 = time.perf_counter()
     key = _cache_key(config, names, values, seed) if cache is not None and stage == 0 else None
     if key is not None and key in cache:
-        blocks, positions, problems, x, y, n_total = cache[key]
+        blocks, positions, problems, x, y = cache[key]
     else:
-        blocks, positions, problems, x, y, n_total = _stage_problems(model, names, values, alive, train_inputs,
-                                                                     train_targets, config, seed)
+        blocks, positions, problems, x, y = _stage_problems(model, names, values, alive, train_inputs, train_targets,
+                                                            config, seed)
         if key is not None:
-            cache[key] = (blocks, positions, problems, x, y, n_total)
+            cache[key] = (blocks, positions, problems, x, y)
     fisher_seconds = time.perf_counter() - t0
 
-    # ---- budget (over the alive weights; the dead ones are already counted as pruned)
+    # ---- budget (over the alive weights; the dead ones, also those of blocks left out, count as pruned)
+    n_total = sum(values[n].numel() for n in names)
     n_keep = n_keep_for(n_total, target)
     n_alive = sum(p.n for p in problems)
     n_keep = min(n_keep, n_alive)
@@ -664,11 +665,11 @@ def _cache_key(config: PruneConfig, names: list[str], values: dict[str, torch.Te
 
 
 def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],
-                    train_inputs: torch.Tensor, train_targets: torch.Tensor, config: PruneConfig, seed: int) -> tuple[list[Block], list[np.ndarray], list[BlockProblem], torch.Tensor, torch.Tensor, int]:
+                    train_inputs: torch.Tensor, train_targets: torch.Tensor, config: PruneConfig, seed: int) -> tuple[list[Block], list[np.ndarray], list[BlockProblem], torch.Tensor, torch.Tensor]:
     """Gradients at the current weights and one BlockProblem (k = 0) per block over its alive weights;
-    also the blocks, the alive positions in each block, the drawn samples, and the number of weights in
-    all blocks. A block with no alive weight left (an earlier stage pruned all of it, e.g. a row block)
-    has nothing to select or update and is left out of the three lists; its weights stay zero."""
+    also the blocks, the alive positions in each block, and the drawn samples. A block with no alive
+    weight left (an earlier stage pruned all of it, e.g. a row block) has nothing to select or update and
+    is left out of the three lists; its weights stay zero."""
     show = config.progress
     idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
     x, y = train_inputs[idx], train_targets[idx]
@@ -678,7 +679,6 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
     )
     blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
     positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]
-    n_total = sum(b.n for b in blocks)
     live = [i for i, pos in enumerate(positions) if pos.size > 0]
     blocks, positions = [blocks[i] for i in live], [positions[i] for i in live]
     scale = 1.0 / math.sqrt(grads.n_rows)
@@ -703,7 +703,7 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
             g = (col_sum * (math.sqrt(grads.n_rows) / grads.n_rows / config.fisher_batch)).numpy()
         w = b.gather_values(values).to(torch.float64).numpy()[pos]
         problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), gradient=g, label=b.label))
-    return blocks, positions, problems, x, y, n_total
+    return blocks, positions, problems, x, y
 
 
 #: steps tried by the step search, largest first (τ = 1 is the plain update, τ = 0 the masked weights)

@@ -496,7 +496,7 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
                                                              block_mode="layer", allocation="obs"), cache=cache))
     problem_keys = [k for k in cache if k[0] != "update"]
     assert len(problem_keys) == 1 and len(cache) == 2  # the problems, and the update of the one mask
-    blocks, positions, problems, _, _, _ = cache[problem_keys[0]]
+    blocks, positions, problems, _, _ = cache[problem_keys[0]]
     assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._cache if isinstance(k, tuple)) for p in problems)
     fresh = prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                                 block_mode="layer", allocation="obs"))
