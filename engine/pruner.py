@@ -419,6 +419,8 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
     naming the argument; returns the solver."""
     if not isinstance(config, PruneConfig):
         raise invalid_option("config", "prune()", "a PruneConfig", type(config).__name__)
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+        raise invalid_option("n_train", "check_prune_inputs()", "an integer >= 1 (the training samples)", repr(n_train))
     params = dict(model.named_parameters())
     missing = [n for n in parameter_names if n not in params]
     if missing or not parameter_names:

@@ -12,7 +12,7 @@ from engine.data import load_digits
 from engine.demo import train_small_mlp
 from engine.errors import InvalidOptionError, SolverError
 from engine.models import prunable_parameters
-from engine.pruner import PruneConfig, prune
+from engine.pruner import PruneConfig, check_prune_inputs, prune
 from engine.result import SolveResult
 from engine.solvers.base import Capabilities, SubsetSolver
 from formulations.objective import optimal_update
@@ -135,6 +135,35 @@ def test_prune_rejects_a_block_too_large_for_the_method_before_any_gradient(trai
     monkeypatch.setattr("engine.pruner.per_sample_gradients", no_work)
     with pytest.raises(InvalidOptionError, match="at most 24 weights.*--block-size"):
         prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="brute_force", block_mode="layer"))
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(config="not a config"), r"'config'.*PruneConfig"),
+    (dict(names=[]), r"'parameter_names'"),
+    (dict(names=["nope.weight"]), r"'parameter_names'.*nope.weight"),
+    (dict(n_train=0), r"'n_train'.*integer >= 1.*Got 0"),
+    (dict(n_train=True), r"'n_train'"),
+    (dict(n_train=99), r"'fisher_samples'.*at most the 99.*100 x 1 = 100"),
+    (dict(config=PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=10, loss_samples=200)),
+     r"'loss_samples'.*at most the 150 training samples.*Got 200"),
+    (dict(config=PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=100, loss_samples=60,
+                             holdout_loss=True)), r"'loss_samples'.*at most the 50 training samples left"),
+    (dict(config=PruneConfig(sparsity=0.5, method="nope")), r"'method'"),
+])
+def test_check_prune_inputs_rejections(trained, change, pattern):
+    """Each of check_prune_inputs' rejections names its argument (150 training samples by default)."""
+    base, _, _ = trained
+    names = change.get("names", [n for n, _ in prunable_parameters(base)])
+    config = change.get("config", PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=100))
+    with pytest.raises(InvalidOptionError, match=pattern):
+        check_prune_inputs(base, names, change.get("n_train", 150), config)
+
+
+def test_check_prune_inputs_accepts_what_fits_and_returns_the_solver(trained):
+    base, _, _ = trained
+    names = [n for n, _ in prunable_parameters(base)]
+    config = PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=100, loss_samples=50, holdout_loss=True)
+    assert check_prune_inputs(base, names, 150, config).name == "magnitude"
 
 
 # ----------------------------------------------------------------------------------------- CLI
