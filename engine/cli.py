@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take the gradient rows with BatchNorm on each row's batch statistics (the loss after "
                          "re-estimation; needs --fisher-batch >= 2)")
     fb.add_argument("--no-fisher-bn-batch-stats", dest="fisher_bn_batch_stats", action="store_false")
+    pr.add_argument("--compensate", default=None, metavar="{rest,norm,NAME[,NAME...]}",
+                    help="parameters never pruned but updated with the kept weights (needs --first-order): 'rest' "
+                         "(every parameter outside the pruned set), 'norm' (normalisation layers) or names")
+    cm = pr.add_mutually_exclusive_group()
+    cm.add_argument("--couple-mean", dest="couple_mean", action="store_true", default=None,
+                    help="couple the blocks' Newton steps through the mean gradient (needs --first-order)")
+    cm.add_argument("--no-couple-mean", dest="couple_mean", action="store_false")
     pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
@@ -220,12 +227,16 @@ def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
     recommended configuration (no ``--method``) or the paper-style ``PLAIN`` one, every flag given
     overriding it."""
     from .defaults import PLAIN, describe, recommended, recommends_bn_reestimate
+    from .pruner import COMPENSATE
 
     given = {"method": args.method, "update": args.update, "fisher_samples": args.fisher_samples,
              "fisher_batch": args.fisher_batch, "damping": args.damping, "stages": args.stages,
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
              "step_search_bn": args.step_search_bn, "fisher_bn_batch_stats": args.fisher_bn_batch_stats,
              "loss_samples": args.loss_samples, "holdout_loss": args.holdout_loss, "allocation": args.allocation,
+             "couple_mean": args.couple_mean,
+             "compensate": None if args.compensate is None else (
+                 args.compensate if args.compensate in COMPENSATE else tuple(args.compensate.split(","))),
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.method is None:

@@ -75,4 +75,9 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append(f"--loss-samples {settings['loss_samples']}")
     if settings.get("holdout_loss"):
         flags.append("--holdout-loss")
+    if settings.get("couple_mean"):
+        flags.append("--couple-mean")
+    comp = settings.get("compensate", ())
+    if comp:
+        flags.append(f"--compensate {comp if isinstance(comp, str) else ','.join(comp)}")
     return " ".join(flags)

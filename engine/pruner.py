@@ -17,7 +17,7 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -106,6 +106,19 @@ class PruneConfig:
         mini-batch (:func:`engine.fisher.per_sample_gradients` ``batch_stats``), the local model of the
         loss after BatchNorm re-estimation; needs ``fisher_batch`` >= 2. No effect without BatchNorm.
     workers : blocks solved in parallel by this many processes (1: in this process).
+    compensate : parameters that are never pruned but are updated with the kept weights (e.g. the BatchNorm
+        affine parameters and the layers left out of the pruned set), or a shorthand resolved against the
+        model by :func:`compensating_parameters`: "rest" (every parameter outside the pruned set) or "norm"
+        (the affine parameters of its normalisation layers). Each is its own block whose weights
+        are all kept, so its update is the damped Newton step −(F_b + λI)⁻¹ g_b of the quadratic model and
+        it moves with the stage's step τ. Needs ``first_order`` (with g = 0 and nothing pruned in the block
+        the best update leaves it unchanged).
+    couple_mean : couple the blocks through the mean gradient row m: the quadratic model's Hessian becomes
+        blockdiag(Cov_b + λI) + m mᵀ (Cov_b the rows' covariance in block b) instead of
+        blockdiag(Cov_b + m_b m_bᵀ + λI), so the blocks' Newton steps no longer each move the whole way
+        along their share of m. The update is that model's exact joint step for the chosen supports
+        (:func:`_couple_mean`: one more solve per block). Needs ``first_order``; selection and budget see
+        the centred blocks.
     """
 
     sparsity: float
@@ -134,6 +147,8 @@ class PruneConfig:
     step_search_bn: bool = False
     fisher_bn_batch_stats: bool = False
     workers: int = 1
+    compensate: tuple[str, ...] | str = ()
+    couple_mean: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,7 +185,7 @@ class PruneConfig:
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
         for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify",
-                     "fisher_bn_batch_stats", "holdout_loss"):
+                     "fisher_bn_batch_stats", "holdout_loss", "couple_mean"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
         if self.holdout_loss and self.loss_samples is None:
@@ -178,6 +193,20 @@ class PruneConfig:
         if self.fisher_bn_batch_stats and self.fisher_batch < 2:
             raise invalid_option("fisher_batch", where, "an integer >= 2 when fisher_bn_batch_stats is on",
                                  repr(self.fisher_batch))
+        if isinstance(self.compensate, str):
+            if self.compensate not in COMPENSATE:
+                raise invalid_option("compensate", where, f"one of {', '.join(COMPENSATE)} or a tuple of parameter "
+                                     "names", repr(self.compensate))
+        elif not isinstance(self.compensate, (tuple, list)) or not all(isinstance(n, str) for n in self.compensate):
+            raise invalid_option("compensate", where, f"one of {', '.join(COMPENSATE)} or a tuple of parameter names",
+                                 repr(self.compensate))
+        else:
+            object.__setattr__(self, "compensate", tuple(self.compensate))
+        if self.couple_mean and not self.first_order:
+            raise invalid_option("first_order", where, "True when couple_mean is on", repr(self.first_order))
+        if self.compensate and not self.first_order:
+            raise invalid_option("first_order", where, "True when compensate names parameters (without the "
+                                 "gradient term their update is zero)", repr(self.first_order))
         if not isinstance(self.method, (str, SubsetSolver)) and not hasattr(self.method, "solve"):
             raise invalid_option("method", where, "a solver name or a SubsetSolver", repr(self.method))
 
@@ -410,6 +439,28 @@ def _budget(config: PruneConfig, problems: list[BlockProblem], n_keep: int, dead
     return allocate_global([np.abs(p.weights) for p in problems], n_keep), {}
 
 
+#: shorthands for PruneConfig.compensate
+COMPENSATE = ("rest", "norm")
+
+
+def compensating_parameters(model: nn.Module, parameter_names: list[str], spec: tuple[str, ...] | str) -> tuple[str, ...]:
+    """The parameter names a ``PruneConfig.compensate`` value stands for: the tuple itself, or for "rest"
+    every trainable parameter of ``model`` outside ``parameter_names``, for "norm" those of its
+    normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...), in the model's order."""
+    if not isinstance(spec, str):
+        return tuple(spec)
+    pruned = set(parameter_names)
+    if spec == "rest":
+        return tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in pruned)
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    out = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, norm_types):
+            out += [f"{mod_name}.{n}" if mod_name else n for n, p in mod.named_parameters(recurse=False)
+                    if p.requires_grad]
+    return tuple(n for n in out if n not in pruned)
+
+
 def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: int,
                        config: PruneConfig) -> SubsetSolver:
     """Every check :func:`prune` makes before any work, on its own (callers that load data first, such as
@@ -425,6 +476,11 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
     missing = [n for n in parameter_names if n not in params]
     if missing or not parameter_names:
         raise invalid_option("parameter_names", "prune()", "a non-empty list of the model's parameter names", missing)
+    comp = compensating_parameters(model, parameter_names, config.compensate)
+    bad = [n for n in comp if n not in params or n in parameter_names]
+    if bad or len(set(comp)) != len(comp):
+        raise invalid_option("compensate", "prune()", "distinct parameter names of the model outside parameter_names",
+                             bad or list(comp))
     solver = get_solver(config.method, **config.solver_params)
     if hasattr(solver, "ensure_available"):
         solver.ensure_available()
@@ -479,8 +535,11 @@ def prune(
         update of every set of supports already solved.
     """
     solver = check_prune_inputs(model, parameter_names, int(train_inputs.shape[0]), config)
+    if isinstance(config.compensate, str):
+        config = replace(config, compensate=compensating_parameters(model, parameter_names, config.compensate))
     params = dict(model.named_parameters())
-    original = {n: params[n].detach().clone() for n in parameter_names}
+    moved = list(parameter_names) + list(config.compensate)  # every parameter a stage writes
+    original = {n: params[n].detach().clone() for n in moved}
     alive = {n: torch.ones(params[n].numel(), dtype=torch.bool) for n in parameter_names}
     schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
     stages: list[StageRecord] = []
@@ -495,16 +554,17 @@ def prune(
                 totals[key] += getattr(outcome, key)
             if last:
                 break
-            _write_weights(model, parameter_names, outcome.values)
+            _write_weights(model, moved, outcome.values)
             alive = outcome.alive
             if on_stage is not None:
                 on_stage(outcome.record, model)
     except BaseException:
-        _write_weights(model, parameter_names, {n: v.reshape(-1) for n, v in original.items()})
+        _write_weights(model, moved, {n: v.reshape(-1) for n, v in original.items()})
         raise
     values = {n: outcome.values[n].reshape(original[n].shape) for n in parameter_names}
     masks = {n: outcome.alive[n].reshape(original[n].shape) for n in parameter_names}
     _write_weights(model, parameter_names, {n: v.reshape(-1) for n, v in original.items()})
+    _write_weights(model, list(config.compensate), outcome.values)
     apply_pruning(model, values, masks)
     if on_block is not None:
         for rec in outcome.blocks:
@@ -549,7 +609,8 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     update → (step search) → the stage's weights and masks (not yet written into the model)."""
     show = config.progress
     params = dict(model.named_parameters())
-    values = {n: params[n].detach() for n in names}
+    moved = names + list(config.compensate)
+    values = {n: params[n].detach() for n in moved}
     seed = _stage_seed(config.seed, stage)
     tag = f" stage {stage + 1}/{config.stages}" if config.stages > 1 else ""
 
@@ -564,9 +625,12 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         if key is not None:
             cache[key] = (blocks, positions, problems, x, y)
     fisher_seconds = time.perf_counter() - t0
+    m = len(problems) - len(config.compensate)
+    comp_blocks, comp_problems = blocks[m:], [p.with_n_keep(p.n) for p in problems[m:]]
+    blocks, positions, problems = blocks[:m], positions[:m], problems[:m]
 
     # ---- budget (over the alive weights; the dead ones, also those of blocks left out, count as pruned)
-    n_total = sum(values[n].numel() for n in names)
+    n_total = sum(values[n].numel() for n in names)  # the compensating parameters are not counted
     n_keep = n_keep_for(n_total, target)
     n_alive = sum(p.n for p in problems)
     n_keep = min(n_keep, n_alive)
@@ -609,6 +673,10 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         updates = batched_update(problems, [r.support for r in results])
         if ukey is not None:
             cache[ukey] = copy.deepcopy(updates)
+    comp_updates = batched_update(comp_problems, [np.ones(p.n, dtype=bool) for p in comp_problems])
+    if config.couple_mean:
+        _couple_mean(problems + comp_problems, [r.support for r in results] +
+                     [np.ones(p.n, dtype=bool) for p in comp_problems], updates + comp_updates, config.fisher_batch)
     update_seconds = time.perf_counter() - t2
     records = []
     for b, p, r, u in zip(blocks, problems, results, updates):
@@ -621,8 +689,11 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         ))
 
     # ---- the stage's weights: masked (kept weights unchanged) and updated, per parameter
-    masked = {n: values[n].reshape(-1).clone() for n in names}
-    updated = {n: values[n].reshape(-1).clone() for n in names}
+    masked = {n: values[n].reshape(-1).clone() for n in moved}
+    updated = {n: values[n].reshape(-1).clone() for n in moved}
+    if config.applies_update:
+        for b, u in zip(comp_blocks, comp_updates):
+            updated[b.label] = torch.from_numpy(u.weights).to(updated[b.label].dtype)
     new_alive = {n: alive[n].clone() for n in names}
     for b, p, r, pos in zip(blocks, problems, results, positions):
         keep = np.zeros(b.n, dtype=bool)
@@ -642,9 +713,9 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
 
     step, train_loss = 1.0, None
     if config.step_search and config.applies_update:
-        step, train_loss = _step_search(model, names, masked, updated, loss_x, loss_y, config.step_search_bn)
+        step, train_loss = _step_search(model, moved, masked, updated, loss_x, loss_y, config.step_search_bn)
         if step != 1.0:
-            updated = {n: masked[n] + step * (updated[n] - masked[n]) for n in names}
+            updated = {n: masked[n] + step * (updated[n] - masked[n]) for n in moved}
     kept = sum(int(m.sum()) for m in new_alive.values())
     prune_seconds = select_seconds + (update_seconds if config.applies_update else 0.0)
     record = StageRecord(
@@ -658,12 +729,28 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
                          update_seconds, prune_seconds)
 
 
+def _couple_mean(problems: list[BlockProblem], supports: list[np.ndarray], updates: list, batch: int) -> None:
+    """The joint Newton step of the blocks under H = blockdiag(Cov_b + λI) + m mᵀ (m: the mean gradient row
+    over all blocks; the blocks' factors are centred, so Cov_b = X_bᵀX_b): with d_b⁰ each block's own update
+    and a_b = −(H_b)_SS⁻¹ m_S (zero off S), d_b = d_b⁰ + s a_b with s = Σ m_bᵀd_b⁰ / (1 + Σ m_bᵀ H_b⁻¹ m_b).
+    Edits ``updates[i].weights`` in place."""
+    aux = [BlockProblem(np.zeros(p.n), p.n_keep, p.damping, factor=p.factor, gradient=p.gradient * batch)
+           for p in problems]
+    a = [u.weights for u in batched_update(aux, supports)]
+    s0 = sum(float((p.gradient * batch) @ (u.weights - p.weights)) for p, u in zip(problems, updates))
+    c = -sum(float((p.gradient * batch) @ ab) for p, ab in zip(problems, a))
+    s = s0 / (1.0 + c)
+    log.info("coupled mean step: s0 = %.4g, c = %.4g", s0, c)
+    for u, ab in zip(updates, a):
+        u.weights = u.weights + s * ab
+
+
 def _cache_key(config: PruneConfig, names: list[str], values: dict[str, torch.Tensor], seed: int) -> tuple:
     """What stage-0 block problems depend on: the settings, the draw and (a fingerprint of) the weights."""
     fingerprint = tuple((float(values[n].double().sum()), float(values[n].double().pow(2).sum())) for n in names)
     return (seed, config.fisher_samples, config.fisher_batch, config.damping, config.relative_damping,
             config.block_mode, config.block_size, config.first_order, config.fisher_bn_batch_stats, tuple(names),
-            fingerprint)
+            config.compensate, fingerprint)
 
 
 def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],
@@ -671,18 +758,24 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
     """Gradients at the current weights and one BlockProblem (k = 0) per block over its alive weights;
     also the blocks, the alive positions in each block, and the drawn samples. A block with no alive
     weight left (an earlier stage pruned all of it, e.g. a row block) has nothing to select or update and
-    is left out of the three lists; its weights stay zero."""
+    is left out of the three lists; its weights stay zero. The blocks of ``config.compensate`` (never
+    pruned) come last, one per parameter."""
     show = config.progress
     idx = _draw(train_inputs, config.fisher_samples * config.fisher_batch, seed, "fisher_samples")
     x, y = train_inputs[idx], train_targets[idx]
+    comp = list(config.compensate)
     grads = per_sample_gradients(
-        model, names, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size, show_progress=show,
-        batch_stats=config.fisher_bn_batch_stats,
+        model, names + comp, x, y, fisher_batch=config.fisher_batch, chunk_size=config.chunk_size,
+        show_progress=show, batch_stats=config.fisher_bn_batch_stats,
     )
-    blocks = make_blocks(grads.names, grads.shapes, config.block_mode, config.block_size)
+    blocks = make_blocks(names, grads.shapes[: len(names)], config.block_mode, config.block_size)
     positions = [np.flatnonzero(b.gather_values(alive).numpy()) for b in blocks]
     live = [i for i, pos in enumerate(positions) if pos.size > 0]
     blocks, positions = [blocks[i] for i in live], [positions[i] for i in live]
+    # the compensating parameters: one block each, every weight kept, after the pruned blocks
+    for name, shape in zip(comp, grads.shapes[len(names):]):
+        blocks.append(Block(name, ((name, 0, math.prod(shape)),)))
+        positions.append(np.arange(math.prod(shape)))
     scale = 1.0 / math.sqrt(grads.n_rows)
     problems: list[BlockProblem] = []
     for b, pos in zip(blocks, positions):
@@ -703,6 +796,9 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
             # mean row = Σ_i X_i / √N (X = G/√N), scaled by 1/B (see PruneConfig.first_order)
             col_sum = torch.cat([Xt[:, s : s + 4096].double().sum(0) for s in range(0, Xt.shape[1], 4096)])
             g = (col_sum * (math.sqrt(grads.n_rows) / grads.n_rows / config.fisher_batch)).numpy()
+            if config.couple_mean:
+                # centred factor: X_cᵀX_c = F − m mᵀ (the rows' covariance); m mᵀ comes back jointly
+                Xt.sub_((col_sum / grads.n_rows).to(Xt.dtype))
         w = b.gather_values(values).to(torch.float64).numpy()[pos]
         problems.append(BlockProblem(w, 0, lam, factor=Xt.numpy(), gradient=g, label=b.label))
     return blocks, positions, problems, x, y
