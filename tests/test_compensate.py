@@ -138,14 +138,15 @@ def _rows(model, names, x, y, config):
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("comp", [(), ("1.bias", "2.weight", "2.bias")])
-def test_couple_mean_is_the_joint_newton_step_of_blockdiag_covariance_plus_the_mean_outer_product(trained, comp):
+@pytest.mark.parametrize("mode, comp", [("layer", ()), ("layer", ("1.bias", "2.weight", "2.bias")),
+                                        ("whole", ("1.bias", "4.bias"))])
+def test_couple_mean_is_the_joint_newton_step_of_blockdiag_covariance_plus_the_mean_outer_product(trained, mode, comp):
     """Oracle: H = blockdiag(Cov_b + λI) + m mᵀ over all blocks (Cov_b the rows' covariance, m their mean),
     g = m/B; the kept weights of the run's masks move by d_S = −H_SS⁻¹(g_S + H_SP d_P), d_P = −w_P, solved
     densely in float64 over the whole network."""
     base, x, y = trained
     names = _names(base)
-    config = _config(couple_mean=True, compensate=comp)
+    config = _config(couple_mean=True, compensate=comp, block_mode=mode)
     model = copy.deepcopy(base)
     prune(model, names, x, y, config)
     every = names + list(comp)
@@ -154,6 +155,8 @@ def test_couple_mean_is_the_joint_newton_step_of_blockdiag_covariance_plus_the_m
     Xc = (G - m) / np.sqrt(G.shape[0])
     params = dict(base.named_parameters())
     sizes = [params[n].numel() for n in every]
+    if mode == "whole":  # the pruned parameters form one block, each compensating one its own
+        sizes = [sum(sizes[: len(names)])] + sizes[len(names):]
     H = np.outer(m, m)
     start = 0
     for size in sizes:
