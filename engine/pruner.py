@@ -119,6 +119,10 @@ class PruneConfig:
         along their share of m. The update is that model's exact joint step for the chosen supports
         (:func:`_couple_mean`: one more solve per block). Needs ``first_order``; selection and budget see
         the centred blocks.
+    newton_step_only : with ``first_order`` and ``step_search``, the step search's segment starts at the
+        CBS-U update without the gradient term (the compensation for the removed weights, exact under the
+        quadratic model) instead of at the masked weights, so τ scales only the Newton part of the update.
+        Costs one more update solve per block.
     """
 
     sparsity: float
@@ -149,6 +153,7 @@ class PruneConfig:
     workers: int = 1
     compensate: tuple[str, ...] | str = ()
     couple_mean: bool = False
+    newton_step_only: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -185,7 +190,7 @@ class PruneConfig:
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
         for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify",
-                     "fisher_bn_batch_stats", "holdout_loss", "couple_mean"):
+                     "fisher_bn_batch_stats", "holdout_loss", "couple_mean", "newton_step_only"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
         if self.holdout_loss and self.loss_samples is None:
@@ -202,6 +207,8 @@ class PruneConfig:
                                  repr(self.compensate))
         else:
             object.__setattr__(self, "compensate", tuple(self.compensate))
+        if self.newton_step_only and self.couple_mean:
+            raise invalid_option("newton_step_only", where, "False when couple_mean is on", repr(self.newton_step_only))
         if self.couple_mean and not self.first_order:
             raise invalid_option("first_order", where, "True when couple_mean is on", repr(self.first_order))
         if self.compensate and not self.first_order:
@@ -713,9 +720,25 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
 
     step, train_loss = 1.0, None
     if config.step_search and config.applies_update:
-        step, train_loss = _step_search(model, moved, masked, updated, loss_x, loss_y, config.step_search_bn)
+        start = masked
+        if config.newton_step_only and config.first_order:
+            # the segment starts at the CBS-U update without the gradient term (the removal's compensation,
+            # exact under the quadratic model) instead of the masked weights: only the Newton part is scaled
+            plain = batched_update([BlockProblem(p.weights, p.n_keep, p.damping, factor=p.factor, fisher=p.fisher,
+                                                 label=p.label, _cache=p._cache) for p in problems],
+                                   [r.support for r in results])
+            start = {n: masked[n].clone() for n in moved}
+            for b, u, pos in zip(blocks, plain, positions):
+                v = np.zeros(b.n)
+                v[pos] = u.weights
+                vt = torch.from_numpy(v)
+                offset = 0
+                for name, lo, hi in b.segments:
+                    start[name][lo:hi] = vt[offset : offset + hi - lo].to(start[name].dtype)
+                    offset += hi - lo
+        step, train_loss = _step_search(model, moved, start, updated, loss_x, loss_y, config.step_search_bn)
         if step != 1.0:
-            updated = {n: masked[n] + step * (updated[n] - masked[n]) for n in moved}
+            updated = {n: start[n] + step * (updated[n] - start[n]) for n in moved}
     kept = sum(int(m.sum()) for m in new_alive.values())
     prune_seconds = select_seconds + (update_seconds if config.applies_update else 0.0)
     record = StageRecord(

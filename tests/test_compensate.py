@@ -189,3 +189,27 @@ def test_cli_flags_set_compensate_and_couple_mean_and_describe_shows_them():
     assert settings["compensate"] == ("fc.bias", "bn1.weight") and "couple_mean" not in settings
     assert "--compensate fc.bias,bn1.weight" in describe(settings)
     PruneConfig(sparsity=0.8, **settings)  # the recommendation has the first-order term, so this is a valid config
+
+
+def _kept_values(model, names):
+    state = model.state_dict()
+    return np.concatenate([(state[n + "_orig"] if n + "_orig" in state else state[n]).reshape(-1).double().numpy()
+                           for n in names])
+
+
+def test_newton_step_only_scales_the_gradient_part_and_keeps_the_removals_compensation(trained):
+    """The step search's segment starts at the CBS-U update without the gradient term (v₀) and ends at the
+    first-order update (v_g): the result is v₀ + τ (v_g − v₀) for the recorded τ, never the masked weights."""
+    base, x, y = trained
+    names = _names(base)
+    runs = {}
+    for key, kw in {"v0": dict(first_order=False), "vg": dict(),
+                    "tau": dict(step_search=True, loss_samples=300, newton_step_only=True)}.items():
+        model = copy.deepcopy(base)
+        report = prune(model, names, x, y, _config(**kw))
+        runs[key] = (_kept_values(model, names), report.stages[-1].step)
+    (v0, _), (vg, _), (got, tau) = runs["v0"], runs["vg"], runs["tau"]
+    assert not np.allclose(v0, vg)
+    np.testing.assert_allclose(got, v0 + tau * (vg - v0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidOptionError, match="newton_step_only"):
+        _config(newton_step_only=True, couple_mean=True)
