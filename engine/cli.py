@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--couple-mean", dest="couple_mean", action="store_true", default=None,
                     help="couple the blocks' Newton steps through the mean gradient (needs --first-order)")
     cm.add_argument("--no-couple-mean", dest="couple_mean", action="store_false")
+    pr.add_argument("--newton-step-only", action="store_true", default=None,
+                    help="the step search scales only the Newton part of the update, never the compensation for the "
+                         "removed weights (needs --first-order --step-search)")
     pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
@@ -234,7 +237,7 @@ def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
              "schedule": args.schedule, "first_order": args.first_order, "step_search": args.step_search,
              "step_search_bn": args.step_search_bn, "fisher_bn_batch_stats": args.fisher_bn_batch_stats,
              "loss_samples": args.loss_samples, "holdout_loss": args.holdout_loss, "allocation": args.allocation,
-             "couple_mean": args.couple_mean,
+             "couple_mean": args.couple_mean, "newton_step_only": args.newton_step_only,
              "compensate": None if args.compensate is None else (
                  args.compensate if args.compensate in COMPENSATE else tuple(args.compensate.split(","))),
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}

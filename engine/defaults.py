@@ -77,6 +77,8 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append("--holdout-loss")
     if settings.get("couple_mean"):
         flags.append("--couple-mean")
+    if settings.get("newton_step_only"):
+        flags.append("--newton-step-only")
     comp = settings.get("compensate", ())
     if comp:
         flags.append(f"--compensate {comp if isinstance(comp, str) else ','.join(comp)}")

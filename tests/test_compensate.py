@@ -185,6 +185,8 @@ def test_cli_flags_set_compensate_and_couple_mean_and_describe_shows_them():
     settings, _ = prune_settings(build_parser().parse_args(base + ["--compensate", "rest", "--couple-mean"]))
     assert settings["compensate"] == "rest" and settings["couple_mean"] is True
     assert "--couple-mean --compensate rest" in describe(settings)
+    settings, _ = prune_settings(build_parser().parse_args(base + ["--newton-step-only"]))
+    assert settings["newton_step_only"] is True and "--newton-step-only" in describe(settings)
     settings, _ = prune_settings(build_parser().parse_args(base + ["--compensate", "fc.bias,bn1.weight"]))
     assert settings["compensate"] == ("fc.bias", "bn1.weight") and "couple_mean" not in settings
     assert "--compensate fc.bias,bn1.weight" in describe(settings)
