@@ -117,8 +117,8 @@ class PruneConfig:
         blockdiag(Cov_b + λI) + m mᵀ (Cov_b the rows' covariance in block b) instead of
         blockdiag(Cov_b + m_b m_bᵀ + λI), so the blocks' Newton steps no longer each move the whole way
         along their share of m. The update is that model's exact joint step for the chosen supports
-        (:func:`_couple_mean`: one more solve per block). Needs ``first_order``; selection and budget see
-        the centred blocks.
+        (:func:`_couple_mean`: one more solve per block). Needs ``first_order``; selection, budget and the
+        blocks' recorded E(S) are those of the centred blocks on their own.
     newton_step_only : with ``first_order`` and ``step_search``, the step search's segment starts at the
         CBS-U update without the gradient term (the compensation for the removed weights, exact under the
         quadratic model) instead of at the masked weights, so τ scales only the Newton part of the update.
@@ -773,7 +773,7 @@ def _cache_key(config: PruneConfig, names: list[str], values: dict[str, torch.Te
     fingerprint = tuple((float(values[n].double().sum()), float(values[n].double().pow(2).sum())) for n in names)
     return (seed, config.fisher_samples, config.fisher_batch, config.damping, config.relative_damping,
             config.block_mode, config.block_size, config.first_order, config.fisher_bn_batch_stats, tuple(names),
-            config.compensate, fingerprint)
+            config.compensate, config.couple_mean, fingerprint)
 
 
 def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],

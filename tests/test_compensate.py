@@ -215,3 +215,16 @@ def test_newton_step_only_scales_the_gradient_part_and_keeps_the_removals_compen
     np.testing.assert_allclose(got, v0 + tau * (vg - v0), rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidOptionError, match="newton_step_only"):
         _config(newton_step_only=True, couple_mean=True)
+
+
+def test_a_sweep_cache_never_hands_centred_blocks_to_a_run_without_couple_mean(trained):
+    """The cache key holds couple_mean (its blocks' factors are centred): the same run with and without
+    a shared cache gives the same weights, in either order."""
+    base, x, y = trained
+    names = _names(base)
+    cache: dict = {}
+    for flag in (True, False):
+        cached, fresh = copy.deepcopy(base), copy.deepcopy(base)
+        prune(cached, names, x, y, _config(couple_mean=flag), cache=cache)
+        prune(fresh, names, x, y, _config(couple_mean=flag))
+        np.testing.assert_array_equal(_kept_values(cached, names), _kept_values(fresh, names))
