@@ -207,6 +207,9 @@ class PruneConfig:
                                  repr(self.compensate))
         else:
             object.__setattr__(self, "compensate", tuple(self.compensate))
+        if self.newton_step_only and not (self.first_order and self.step_search):
+            raise invalid_option("newton_step_only", where, "False unless first_order and step_search are on",
+                                 repr(self.newton_step_only))
         if self.newton_step_only and self.couple_mean:
             raise invalid_option("newton_step_only", where, "False when couple_mean is on", repr(self.newton_step_only))
         if self.couple_mean and not self.first_order:
@@ -721,7 +724,7 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     step, train_loss = 1.0, None
     if config.step_search and config.applies_update:
         start = masked
-        if config.newton_step_only and config.first_order:
+        if config.newton_step_only:
             # the segment starts at the CBS-U update without the gradient term (the removal's compensation,
             # exact under the quadratic model) instead of the masked weights: only the Newton part is scaled
             plain = batched_update([BlockProblem(p.weights, p.n_keep, p.damping, factor=p.factor, fisher=p.fisher,

@@ -213,8 +213,9 @@ def test_newton_step_only_scales_the_gradient_part_and_keeps_the_removals_compen
     (v0, _), (vg, _), (got, tau) = runs["v0"], runs["vg"], runs["tau"]
     assert not np.allclose(v0, vg)
     np.testing.assert_allclose(got, v0 + tau * (vg - v0), rtol=1e-5, atol=1e-6)
-    with pytest.raises(InvalidOptionError, match="newton_step_only"):
-        _config(newton_step_only=True, couple_mean=True)
+    for bad in (dict(couple_mean=True, step_search=True), dict(step_search=False), dict(first_order=False)):
+        with pytest.raises(InvalidOptionError, match="newton_step_only"):
+            _config(newton_step_only=True, **{"step_search": True, **bad})
 
 
 def test_a_sweep_cache_never_hands_centred_blocks_to_a_run_without_couple_mean(trained):

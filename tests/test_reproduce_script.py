@@ -39,6 +39,20 @@ def test_configs_are_valid_prune_configs():
     assert set(reproduce.SPARSITIES) == set(PUBLISHED)
 
 
+def test_single_stage_label_runs_only_when_named_and_records_its_steps(shared_data, tmp_path):
+    """The extra label is a one-stage run with the coupled step and compensation, kept out of the default
+    sweep; a real MLPNet run at 0.9 records its step and stays well above magnitude pruning (90.30)."""
+    assert "single-stage" in reproduce.EXTRA
+    config = reproduce.run_config("resnet20", "single-stage", 0.8, 0, {})
+    assert config.stages == 1 and config.couple_mean and config.compensate == "rest" and not config.step_search_bn
+    argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "single-stage", "--sparsities", "0.9",
+            "--seeds", "0", "--out", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()]
+    assert len(rec["stage_steps"]) == 1 and 0.0 <= rec["stage_steps"][0] <= 1.0
+    assert rec["accuracy"] > 92.0
+
+
 def test_one_real_run_and_resume(shared_data, tmp_path, capsys):
     argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "--sparsities", "0.9",
             "--seeds", "0", "--out", str(tmp_path)]
