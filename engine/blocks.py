@@ -39,6 +39,17 @@ class Block:
         """This block's weights (n,) from parameter tensors of any shape (flattened, then sliced)."""
         return torch.cat([tensors[name].reshape(-1)[start:stop] for name, start, stop in self.segments])
 
+    def scatter(self, flat: dict[str, torch.Tensor], values: torch.Tensor) -> None:
+        """Write this block's ``values`` (n,) into flattened per-parameter tensors ``flat`` (1-D, edited in
+        place, each keeping its dtype): the inverse of :meth:`gather_values`."""
+        if values.shape != (self.n,):
+            raise invalid_option("values", "Block.scatter()", f"a 1-D tensor of the block's {self.n} values",
+                                 tuple(values.shape))
+        offset = 0
+        for name, start, stop in self.segments:
+            flat[name][start:stop] = values[offset : offset + stop - start].to(flat[name].dtype)
+            offset += stop - start
+
     def gather_columns(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """This block's columns (N, n) from per-parameter gradient rows (N, numel)."""
         return torch.cat([rows[name][:, start:stop] for name, start, stop in self.segments], dim=1)

@@ -41,7 +41,7 @@ from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .update import batched_update
 
-__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "check_prune_inputs", "ALLOCATIONS", "default_update", "STEPS"]
+__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "check_prune_inputs", "compensating_parameters", "COMPENSATE", "ALLOCATIONS", "default_update", "STEPS"]
 
 log = get_logger(__name__)
 
@@ -459,6 +459,9 @@ def compensating_parameters(model: nn.Module, parameter_names: list[str], spec: 
     normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...), in the model's order."""
     if not isinstance(spec, str):
         return tuple(spec)
+    if spec not in COMPENSATE:
+        raise invalid_option("spec", "compensating_parameters()", f"one of {', '.join(COMPENSATE)} or a tuple of "
+                             "parameter names", repr(spec))
     pruned = set(parameter_names)
     if spec == "rest":
         return tuple(n for n, p in model.named_parameters() if p.requires_grad and n not in pruned)
@@ -683,10 +686,11 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         updates = batched_update(problems, [r.support for r in results])
         if ukey is not None:
             cache[ukey] = copy.deepcopy(updates)
-    comp_updates = batched_update(comp_problems, [np.ones(p.n, dtype=bool) for p in comp_problems])
+    comp_supports = [np.ones(p.n, dtype=bool) for p in comp_problems]
+    comp_updates = batched_update(comp_problems, comp_supports)
     if config.couple_mean:
-        _couple_mean(problems + comp_problems, [r.support for r in results] +
-                     [np.ones(p.n, dtype=bool) for p in comp_problems], updates + comp_updates, config.fisher_batch)
+        _couple_mean(problems + comp_problems, [r.support for r in results] + comp_supports, updates + comp_updates,
+                     config.fisher_batch)
     update_seconds = time.perf_counter() - t2
     records = []
     for b, p, r, u in zip(blocks, problems, results, updates):
@@ -703,7 +707,7 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     updated = {n: values[n].reshape(-1).clone() for n in moved}
     if config.applies_update:
         for b, u in zip(comp_blocks, comp_updates):
-            updated[b.label] = torch.from_numpy(u.weights).to(updated[b.label].dtype)
+            b.scatter(updated, torch.from_numpy(u.weights))
     new_alive = {n: alive[n].clone() for n in names}
     for b, p, r, pos in zip(blocks, problems, results, positions):
         keep = np.zeros(b.n, dtype=bool)
@@ -711,15 +715,9 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         v = np.zeros(b.n)
         v[pos] = r.weights if config.applies_update else np.where(r.support, p.weights, 0.0)
         m = torch.from_numpy(keep)
-        vt = torch.from_numpy(v)
-        offset = 0
-        for name, start, stop in b.segments:
-            size = stop - start
-            seg_mask = m[offset : offset + size]
-            new_alive[name][start:stop] = seg_mask
-            updated[name][start:stop] = vt[offset : offset + size].to(updated[name].dtype)
-            masked[name][start:stop] = masked[name][start:stop] * seg_mask.to(masked[name].dtype)
-            offset += size
+        b.scatter(new_alive, m)
+        b.scatter(updated, torch.from_numpy(v))
+        b.scatter(masked, b.gather_values(masked) * m)
 
     step, train_loss = 1.0, None
     if config.step_search and config.applies_update:
@@ -734,11 +732,7 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
             for b, u, pos in zip(blocks, plain, positions):
                 v = np.zeros(b.n)
                 v[pos] = u.weights
-                vt = torch.from_numpy(v)
-                offset = 0
-                for name, lo, hi in b.segments:
-                    start[name][lo:hi] = vt[offset : offset + hi - lo].to(start[name].dtype)
-                    offset += hi - lo
+                b.scatter(start, torch.from_numpy(v))
         step, train_loss = _step_search(model, moved, start, updated, loss_x, loss_y, config.step_search_bn)
         if step != 1.0:
             updated = {n: start[n] + step * (updated[n] - start[n]) for n in moved}
@@ -760,11 +754,12 @@ def _couple_mean(problems: list[BlockProblem], supports: list[np.ndarray], updat
     over all blocks; the blocks' factors are centred, so Cov_b = X_bᵀX_b): with d_b⁰ each block's own update
     and a_b = −(H_b)_SS⁻¹ m_S (zero off S), d_b = d_b⁰ + s a_b with s = Σ m_bᵀd_b⁰ / (1 + Σ m_bᵀ H_b⁻¹ m_b).
     Edits ``updates[i].weights`` in place."""
-    aux = [BlockProblem(np.zeros(p.n), p.n_keep, p.damping, factor=p.factor, gradient=p.gradient * batch)
-           for p in problems]
+    means = [p.gradient * batch for p in problems]  # m_b: the gradient term is m_b / B
+    aux = [BlockProblem(np.zeros(p.n), p.n_keep, p.damping, factor=p.factor, gradient=m_b)
+           for p, m_b in zip(problems, means)]
     a = [u.weights for u in batched_update(aux, supports)]
-    s0 = sum(float((p.gradient * batch) @ (u.weights - p.weights)) for p, u in zip(problems, updates))
-    c = -sum(float((p.gradient * batch) @ ab) for p, ab in zip(problems, a))
+    s0 = sum(float(m_b @ (u.weights - p.weights)) for p, m_b, u in zip(problems, means, updates))
+    c = -sum(float(m_b @ ab) for m_b, ab in zip(means, a))
     s = s0 / (1.0 + c)
     log.info("coupled mean step: s0 = %.4g, c = %.4g", s0, c)
     for u, ab in zip(updates, a):
@@ -799,9 +794,9 @@ def _stage_problems(model: nn.Module, names: list[str], values: dict[str, torch.
     live = [i for i, pos in enumerate(positions) if pos.size > 0]
     blocks, positions = [blocks[i] for i in live], [positions[i] for i in live]
     # the compensating parameters: one block each, every weight kept, after the pruned blocks
-    for name, shape in zip(comp, grads.shapes[len(names):]):
-        blocks.append(Block(name, ((name, 0, math.prod(shape)),)))
-        positions.append(np.arange(math.prod(shape)))
+    comp_blocks = make_blocks(comp, grads.shapes[len(names):], "layer")
+    blocks += comp_blocks
+    positions += [np.arange(b.n) for b in comp_blocks]
     scale = 1.0 / math.sqrt(grads.n_rows)
     problems: list[BlockProblem] = []
     for b, pos in zip(blocks, positions):

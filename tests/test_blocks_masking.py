@@ -37,6 +37,18 @@ def test_block_gather_matches_flat_order():
     assert torch.equal(blocks[0].gather_columns(rows)[0], values)
 
 
+def test_block_scatter_inverts_gather_and_keeps_each_dtype():
+    for mode, size in (("whole", None), ("row", None), ("chunk", 7)):
+        flat = {n: torch.zeros(int(np.prod(s)), dtype=torch.float32) for n, s in zip(NAMES, SHAPES)}
+        for i, b in enumerate(make_blocks(NAMES, SHAPES, mode, size)):
+            values = torch.arange(b.n, dtype=torch.float64) + 1000 * i
+            b.scatter(flat, values)
+            assert torch.equal(b.gather_values(flat), values.float())
+        assert all(t.dtype == torch.float32 and (t != 0).sum() >= t.numel() - 1 for t in flat.values())
+    with pytest.raises(InvalidOptionError, match=r"'values'.*Block.scatter\(\).*32 values.*\(31,\)"):
+        make_blocks(NAMES, SHAPES, "whole")[0].scatter(flat, torch.zeros(31))
+
+
 def test_block_options_rejected():
     with pytest.raises(InvalidOptionError, match="'block_mode'.*layer, whole, chunk, row.*'x'"):
         make_blocks(NAMES, SHAPES, "x")

@@ -62,6 +62,8 @@ def test_shorthands_name_the_unpruned_and_the_normalisation_parameters():
                                                                                 "2.bias")
     assert compensating_parameters(model, ["0.weight", "2.weight"], "norm") == ("1.weight", "1.bias")
     assert compensating_parameters(model, ["0.weight"], ("2.bias",)) == ("2.bias",)
+    with pytest.raises(InvalidOptionError, match=r"'spec'.*compensating_parameters\(\).*rest, norm.*'all'"):
+        compensating_parameters(model, ["0.weight"], "all")
 
 
 def test_compensating_parameters_take_the_damped_newton_step_and_leave_the_selection_alone(trained):
