@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_resnet20",
     "load_state_dict_file",
     "prunable_parameters",
+    "forward_chain",
 ]
 
 #: Names accepted by :func:`build_model` and :func:`load_model`.
@@ -62,6 +63,26 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
+
+
+def _linear_part(fc: nn.Linear, relu: nn.Module | None, flatten: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def part(x: torch.Tensor) -> torch.Tensor:
+        x = fc(torch.flatten(x, 1) if flatten else x)
+        return relu(x) if relu is not None else x
+    return part
+
+
+def forward_chain(model: nn.Module) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], frozenset[int]]] | None:
+    """``model.forward`` as a chain of parts, or None when the model does not declare one.
+
+    A model declares its chain with a method ``forward_parts()`` returning ``[(f_1, modules_1), …]`` such
+    that ``model(x) == f_m(… f_2(f_1(x)))`` and part i reads only the parameters of ``modules_i``. Returned
+    here with each part's parameter ids, so a caller that changes only the parameters of parts ≥ i can
+    keep the activations entering part i and run the suffix alone (the per-block losses of ``cbs``)."""
+    parts = getattr(model, "forward_parts", None)
+    if parts is None:
+        return None
+    return [(fn, frozenset(id(p) for m in modules for p in m.parameters())) for fn, modules in parts()]
 
 
 class MLP(nn.Module):
@@ -91,6 +112,17 @@ class MLP(nn.Module):
             self.add_module(f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1], bias=False))
             if i < self.n_layers - 1:
                 self.add_module(f"relu{i + 1}", nn.ReLU())
+
+    def forward_parts(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], tuple[nn.Module, ...]]]:
+        """The forward pass as a chain of parts, ``forward(x) == f_m(… f_1(x))``, each part with the
+        modules whose parameters it reads (see :func:`forward_chain`): one part per layer (flatten, fc1,
+        ReLU), (fc2, ReLU), …, (fcL)."""
+        parts = []
+        for i in range(self.n_layers):
+            fc = getattr(self, f"fc{i + 1}")
+            relu = getattr(self, f"relu{i + 1}", None) if i < self.n_layers - 1 else None
+            parts.append((_linear_part(fc, relu, flatten=i == 0), (fc,)))
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)
@@ -201,6 +233,19 @@ class ResNet20(nn.Module):
         self.in_planes = planes * BasicBlock.expansion
         layers += [BasicBlock(self.in_planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
+
+    def forward_parts(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], tuple[nn.Module, ...]]]:
+        """The forward pass as a chain of parts, ``forward(x) == f_m(… f_1(x))``, each part with the
+        modules whose parameters it reads (see :func:`forward_chain`): the stem (conv1, bn1, ReLU), the
+        nine BasicBlocks, the head (pooling, fc)."""
+        def stem(x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.bn1(self.conv1(x)))
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+        blocks = [(block, (block,)) for layer in (self.layer1, self.layer2, self.layer3) for block in layer]
+        return [(stem, (self.conv1, self.bn1)), *blocks, (head, (self.fc,))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -342,6 +342,58 @@ def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ba
     return total / max(count, 1)
 
 
+class _PrefixLoss:
+    """The eval-mode mean loss of ``model`` on fixed ``inputs``, keeping the activations that enter one
+    part of the model's forward chain (:func:`engine.models.forward_chain`) so that a loss after changing
+    only the parameters of that part and later ones runs the suffix alone.
+
+    One cache slot per stage of selection, shared by the blocks' ``evaluate`` callbacks: while blocks are
+    selected the model's weights are those of the stage's start (each call restores what it changed), so
+    the activations entering a part are the same for every call that changes nothing before it. Blocks
+    come in model order, so one slot serves a run of blocks in the same part. Batches are those of
+    :func:`_mean_loss` (eval mode, ``min(batch, 256)`` images, channels-last), and the per-batch
+    operations are the same, so the loss equals the full forward pass's bit for bit. ResNet20, 200 images,
+    one thread: the 18 block convs' 275 calls of a ``cbs`` run take about half the time.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000) -> None:
+        from .models import forward_chain
+
+        self.model, self.inputs, self.targets, self.step = model, inputs, targets, min(batch, 256)
+        self.batch = batch
+        self.chain = forward_chain(model)
+        self.slot: tuple[int, list[torch.Tensor]] | None = None
+
+    def first_part(self, parameters: list[torch.Tensor]) -> int:
+        """Index of the first part that reads any of ``parameters`` (0 without a chain: the whole pass)."""
+        if self.chain is None:
+            return 0
+        ids = {id(p) for p in parameters}
+        return next((i for i, (_, owned) in enumerate(self.chain) if owned & ids), 0)
+
+    def __call__(self, part: int) -> float:
+        """Mean cross-entropy, parts before ``part`` taken from the cache (computed on first use)."""
+        if self.chain is None or part == 0:
+            return _mean_loss(self.model, self.inputs, self.targets, self.batch)
+        total, count = 0.0, 0
+        with eval_mode(self.model), torch.no_grad():
+            if self.slot is None or self.slot[0] != part:
+                self.slot = None  # free the old slot before filling the new one
+                entering = []
+                for s in range(0, self.inputs.shape[0], self.step):
+                    h = fast_layout(self.inputs[s : s + self.step])
+                    for fn, _ in self.chain[:part]:
+                        h = fn(h)
+                    entering.append(h)
+                self.slot = (part, entering)
+            for s, h in zip(range(0, self.inputs.shape[0], self.step), self.slot[1]):
+                for fn, _ in self.chain[part:]:
+                    h = fn(h)
+                total += float(nn.functional.cross_entropy(h, self.targets[s : s + self.step], reduction="sum"))
+                count += h.shape[0]
+        return total / max(count, 1)
+
+
 class _BlockLoss:
     """``evaluate(support) -> training loss`` of the model with one block's weights masked.
 
@@ -354,11 +406,15 @@ class _BlockLoss:
     """
 
     def __init__(self, model: nn.Module, block: Block, inputs: torch.Tensor, targets: torch.Tensor,
-                 positions: np.ndarray, batch: int = 2000, problem: BlockProblem | None = None):
+                 positions: np.ndarray, batch: int = 2000, problem: BlockProblem | None = None,
+                 prefix: _PrefixLoss | None = None):
         self.model, self.block, self.inputs, self.targets, self.batch = model, block, inputs, targets, batch
         self.problem = problem
         self.positions = torch.from_numpy(np.asarray(positions, dtype=np.int64))
         self.params = {name: getattr(*resolve(model, name)) for name, _, _ in block.segments}
+        # the loss from the first part of the forward chain that reads the block (shared per stage)
+        self.prefix = prefix if prefix is not None else _PrefixLoss(model, inputs, targets, batch)
+        self.part = self.prefix.first_part(list(self.params.values()))
 
     def __call__(self, support: np.ndarray) -> float:
         mask = torch.zeros(self.block.n, dtype=torch.bool)
@@ -379,7 +435,7 @@ class _BlockLoss:
                         seg.copy_(updated[offset : offset + stop - start].to(seg.dtype))
                     seg.mul_(mask[offset : offset + stop - start].to(seg.dtype))
                     offset += stop - start
-                return _mean_loss(self.model, self.inputs, self.targets, self.batch)
+                return self.prefix(self.part)
             finally:
                 for flat, start, stop, original in saved:
                     flat[start:stop] = original
@@ -659,12 +715,14 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
         lidx = _draw(train_inputs, skip + config.loss_samples, seed, "loss_samples")[skip:]
         loss_x, loss_y = train_inputs[lidx], train_targets[lidx]
     t1 = time.perf_counter()
+    prefix = _PrefixLoss(model, loss_x, loss_y)
     options = [
         SolveOptions(
             time_limit=config.time_limit,
             seed=config.seed,
             progress=bool(show) and len(blocks) == 1,
-            evaluate=_BlockLoss(model, b, loss_x, loss_y, pos, problem=p if config.evaluate_update else None),
+            evaluate=_BlockLoss(model, b, loss_x, loss_y, pos, problem=p if config.evaluate_update else None,
+                                prefix=prefix),
             certify=config.certify,
         )
         for b, p, pos in zip(blocks, problems, positions)

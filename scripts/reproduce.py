@@ -105,8 +105,8 @@ EXTRA = ("single-stage",)
 RUN_SECONDS = {
     "mlpnet": {"magnitude": 15, "woodfisher": 33, "cbs": 18, "magnitude+update": 16, "woodfisher+update": 16,
                "iht": 70, "swap": 40, "multi-stage": 0.4},
-    "resnet20": {"magnitude": 15, "woodfisher": 18, "cbs": 83, "magnitude+update": 10, "woodfisher+update": 10,
-                 "iht": 69, "swap": 142, "multi-stage": 30},
+    "resnet20": {"magnitude": 15, "woodfisher": 18, "cbs": 55, "magnitude+update": 10, "woodfisher+update": 10,
+                 "iht": 69, "swap": 120, "multi-stage": 30},
 }
 #: labels whose runs reuse another label's cached results beyond the gradients (the same supports, so
 #: the same update; diag(H⁻¹)), so a parallel sweep keeps them in that label's unit
