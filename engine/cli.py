@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--newton-step-only", action="store_true", default=None,
                     help="the step search scales only the Newton part of the update, never the compensation for the "
                          "removed weights (needs --first-order --step-search)")
+    pr.add_argument("--block-steps", action="store_true", default=None,
+                    help="scale each block's update by its own step, from the blocks' joint quadratic model with "
+                         "the full Fisher of the gradient rows (cross-block terms included)")
     pr.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes solving blocks in parallel")
     pr.add_argument("--seed", type=NONNEG_INT, default=0)
     pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
@@ -238,6 +241,7 @@ def prune_settings(args: argparse.Namespace) -> tuple[dict, bool]:
              "step_search_bn": args.step_search_bn, "fisher_bn_batch_stats": args.fisher_bn_batch_stats,
              "loss_samples": args.loss_samples, "holdout_loss": args.holdout_loss, "allocation": args.allocation,
              "couple_mean": args.couple_mean, "newton_step_only": args.newton_step_only,
+             "block_steps": args.block_steps,
              "compensate": None if args.compensate is None else (
                  args.compensate if args.compensate in COMPENSATE else tuple(args.compensate.split(","))),
              "block_mode": args.block_mode or ("chunk" if args.block_size else None)}

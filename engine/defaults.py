@@ -79,6 +79,8 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append("--couple-mean")
     if settings.get("newton_step_only"):
         flags.append("--newton-step-only")
+    if settings.get("block_steps"):
+        flags.append("--block-steps")
     comp = settings.get("compensate", ())
     if comp:
         flags.append(f"--compensate {comp if isinstance(comp, str) else ','.join(comp)}")

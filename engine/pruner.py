@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from formulations.allocation import SCHEDULES, allocate_global, allocate_uniform, n_keep_for, sparsity_schedule
+from formulations.objective import block_step_sizes
 from formulations.problem import BlockProblem
 
 from .blocks import BLOCK_MODES, Block, make_blocks
@@ -123,6 +124,12 @@ class PruneConfig:
         CBS-U update without the gradient term (the compensation for the removed weights, exact under the
         quadratic model) instead of at the masked weights, so τ scales only the Newton part of the update.
         Costs one more update solve per block.
+    block_steps : scale each block's update by its own step τ_b, the minimiser of the blocks' joint
+        quadratic model with the full Fisher of the shared gradient rows, cross-block terms included
+        (:func:`formulations.objective.block_step_sizes`: one product X_b e_b per block and a B×B solve),
+        instead of letting every block take its own full step. The compensating blocks take part. The step
+        search, when on, then scales the result as a whole. Needs the update; not with ``couple_mean`` or
+        ``newton_step_only``. The τ_b of each stage are in its record (``block_steps``).
     """
 
     sparsity: float
@@ -154,6 +161,7 @@ class PruneConfig:
     compensate: tuple[str, ...] | str = ()
     couple_mean: bool = False
     newton_step_only: bool = False
+    block_steps: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,7 +198,7 @@ class PruneConfig:
         if self.schedule not in SCHEDULES:
             raise invalid_option("schedule", where, f"one of {', '.join(SCHEDULES)}", repr(self.schedule))
         for name in ("first_order", "step_search", "step_search_bn", "evaluate_update", "relative_damping", "certify",
-                     "fisher_bn_batch_stats", "holdout_loss", "couple_mean", "newton_step_only"):
+                     "fisher_bn_batch_stats", "holdout_loss", "couple_mean", "newton_step_only", "block_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid_option(name, where, "True or False", repr(getattr(self, name)))
         if self.holdout_loss and self.loss_samples is None:
@@ -212,6 +220,12 @@ class PruneConfig:
                                  repr(self.newton_step_only))
         if self.newton_step_only and self.couple_mean:
             raise invalid_option("newton_step_only", where, "False when couple_mean is on", repr(self.newton_step_only))
+        if self.block_steps and (self.couple_mean or self.newton_step_only):
+            raise invalid_option("block_steps", where, "False when couple_mean or newton_step_only is on",
+                                 repr(self.block_steps))
+        if self.block_steps and not self.applies_update:
+            raise invalid_option("update", where, "True when block_steps is on (it scales the update)",
+                                 repr(self.update))
         if self.couple_mean and not self.first_order:
             raise invalid_option("first_order", where, "True when couple_mean is on", repr(self.first_order))
         if self.compensate and not self.first_order:
@@ -269,6 +283,7 @@ class StageRecord:
     step: float = 1.0
     train_loss: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    block_steps: list[float] | None = None
 
 
 @dataclass
@@ -749,6 +764,17 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     if config.couple_mean:
         _couple_mean(problems + comp_problems, [r.support for r in results] + comp_supports, updates + comp_updates,
                      config.fisher_batch)
+    block_steps = None
+    if config.block_steps:
+        joint = problems + comp_problems
+        joint_supports = [r.support for r in results] + comp_supports
+        joint_updates = updates + comp_updates
+        taus = block_step_sizes(joint, joint_supports, [u.weights for u in joint_updates])
+        for p, sup, u, t in zip(joint, joint_supports, joint_updates, taus):
+            m = np.where(sup, p.weights, 0.0)
+            u.weights = m + t * (u.weights - m)
+        block_steps = [float(t) for t in taus]
+        log.info("block steps: %s", " ".join(f"{t:.3g}" for t in block_steps))
     update_seconds = time.perf_counter() - t2
     records = []
     for b, p, r, u in zip(blocks, problems, results, updates):
@@ -799,7 +825,7 @@ def _run_stage(model: nn.Module, names: list[str], train_inputs: torch.Tensor, t
     record = StageRecord(
         stage=stage + 1, sparsity=float(target), n_keep=kept, objective_total=float(sum(r.objective for r in records)),
         fisher_seconds=fisher_seconds, select_seconds=select_seconds, update_seconds=update_seconds, step=step,
-        train_loss=train_loss, extra=budget_info,
+        train_loss=train_loss, extra=budget_info, block_steps=block_steps,
     )
     log.info("stage %d: sparsity %.4f, %d kept, E = %.4g, step %.3g", stage + 1, target, kept,
              record.objective_total, step)

@@ -36,6 +36,7 @@ support's optimality gap at the cost of one pass over X.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,8 @@ __all__ = [
     "SupportSolution",
     "as_support",
     "quadratic_model",
+    "joint_quadratic_model",
+    "block_step_sizes",
     "optimal_update",
     "support_objective",
     "dual_bound",
@@ -117,6 +120,82 @@ def quadratic_model(problem: BlockProblem, v: np.ndarray) -> float:
     """q(v) = gᵀ(v − w) + ½‖X(v − w)‖² + (λ/2)‖v − w‖² for a full vector v (n,)."""
     d = np.asarray(v, dtype=np.float64) - problem.weights
     return _q_from(problem, d, problem.matvec(d))
+
+
+def _shared_rows(problems: Sequence[BlockProblem], where: str) -> int:
+    if len(problems) == 0:
+        raise InvalidProblemError(f"The 'problems' argument of {where} must hold at least one block. Got none.")
+    rows = {p.factor.shape[0] if p.factor is not None else None for p in problems}
+    if None in rows or len(rows) != 1:
+        raise InvalidProblemError(
+            f"The 'problems' argument of {where} must be blocks with gradient-row factors X_b of the same samples "
+            f"(one row count N). Got row counts {sorted(str(r) for r in rows)}."
+        )
+    return rows.pop()
+
+
+def joint_quadratic_model(problems: Sequence[BlockProblem], vs: Sequence[np.ndarray]) -> float:
+    """The blocks' quadratic model taken together, cross-block curvature included:
+
+        Q(v_1, …, v_B) = ½‖Σ_b X_b d_b‖² + Σ_b [(λ_b/2)‖d_b‖² + g_bᵀd_b],   d_b = v_b − w_b,
+
+    i.e. the model of the whole network whose Fisher is the full GᵀG/N of the blocks' shared gradient
+    rows (X_b = G_b/√N, all with the same N rows) instead of its block diagonal. Σ_b q_b(v_b) is Q
+    without the cross terms Σ_{b≠c} (X_b d_b)ᵀ(X_c d_c)."""
+    _shared_rows(problems, "joint_quadratic_model()")
+    if len(vs) != len(problems):
+        raise InvalidProblemError(f"The 'vs' argument of joint_quadratic_model() must hold one vector per block "
+                                  f"({len(problems)}). Got {len(vs)}.")
+    total_r = None
+    value = 0.0
+    for p, v in zip(problems, vs):
+        d = np.asarray(v, dtype=np.float64) - p.weights
+        r = p.matvec(d)
+        total_r = r if total_r is None else total_r + r
+        value += 0.5 * p.damping * float(d @ d) + (float(p.gradient @ d) if p.gradient is not None else 0.0)
+    return value + 0.5 * float(total_r @ total_r)
+
+
+def block_step_sizes(problems: Sequence[BlockProblem], supports: Sequence[np.ndarray],
+                     vs: Sequence[np.ndarray]) -> np.ndarray:
+    """One step size per block, τ (B,), minimising the joint model Q (:func:`joint_quadratic_model`) along
+    each block's own update direction:
+
+        v_b(τ_b) = m_b + τ_b e_b,   m_b = w_b on S_b and 0 off it (the masked weights),  e_b = v_b − m_b.
+
+    Each v_b is the block's own best update (τ_b = 1 minimises its q_b alone); together they ignore the
+    cross-block curvature, and the blocks overshoot when their steps point the same way. With
+    z_b = X_b e_b, ρ = Σ_c X_c (m_c − w_c):
+
+        Q = const + Σ_b τ_b c_b + ½ τᵀMτ,   M_bc = z_bᵀz_c + δ_bc λ_b‖e_b‖²,   c_b = z_bᵀρ + g_bᵀe_b,
+
+    (λ_b e_bᵀ(m_b − w_b) = 0: disjoint supports), so τ = −M⁻¹c, a B×B solve after one product X_b e_b
+    per block. A block whose update does not move it (e_b = 0) gets τ_b = 1. M is positive definite on
+    the others (λ_b > 0), so the solution is the unique minimiser."""
+    _shared_rows(problems, "block_step_sizes()")
+    if not (len(supports) == len(vs) == len(problems)):
+        raise InvalidProblemError(f"The 'supports' and 'vs' arguments of block_step_sizes() must hold one entry per "
+                                  f"block ({len(problems)}). Got {len(supports)} and {len(vs)}.")
+    z, e_sq, lin = [], [], []
+    rho = None
+    for p, support, v in zip(problems, supports, vs):
+        mask = as_support(p, support, check_size=False)
+        m = np.where(mask, p.weights, 0.0)
+        e = np.asarray(v, dtype=np.float64) - m
+        r = p.matvec(m - p.weights)
+        rho = r if rho is None else rho + r
+        z.append(p.matvec(e))
+        e_sq.append(float(e @ e))
+        lin.append(float(p.gradient @ e) if p.gradient is not None else 0.0)
+    tau = np.ones(len(problems))
+    moving = np.flatnonzero(np.asarray(e_sq) > 0)
+    if moving.size == 0:
+        return tau
+    Z = np.stack([z[i] for i in moving])
+    M = Z @ Z.T + np.diag([problems[i].damping * e_sq[i] for i in moving])
+    c = Z @ rho + np.asarray([lin[i] for i in moving])
+    tau[moving] = scipy.linalg.solve(M, -c, assume_a="pos")
+    return tau
 
 
 def _q_from(problem: BlockProblem, d: np.ndarray, r: np.ndarray) -> float:

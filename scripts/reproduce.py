@@ -203,7 +203,8 @@ class _Sweep:
             "objective_total": float(sum(b.objective for b in report.blocks)),
             "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
             "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e],
-            "stage_steps": [st.step for st in report.stages], "settings": config.to_dict(),
+            "stage_steps": [st.step for st in report.stages],
+            "stage_block_steps": [st.block_steps for st in report.stages], "settings": config.to_dict(),
             "preset": self.preset,
             "peak_memory_mb": peak_memory_mb(),
         }

@@ -231,3 +231,132 @@ def test_a_sweep_cache_never_hands_centred_blocks_to_a_run_without_couple_mean(t
         prune(cached, names, x, y, _config(couple_mean=flag), cache=cache)
         prune(fresh, names, x, y, _config(couple_mean=flag))
         np.testing.assert_array_equal(_kept_values(cached, names), _kept_values(fresh, names))
+
+
+# ----------------------------------------------------------------------------- block_steps
+def _dense_block_steps(problems, supports, vs):
+    """Oracle for formulations.objective.block_step_sizes: the joint model over the concatenated vector,
+    Q(τ) = (r + Dτ)ᵀ g + ½ (r + Dτ)ᵀ H (r + Dτ), H = XᵀX + diag(λ_b), D the blocks' directions as columns."""
+    X = np.hstack([p.factor for p in problems])
+    lam = np.concatenate([np.full(p.n, p.damping) for p in problems])
+    H = X.T @ X + np.diag(lam)
+    g = np.concatenate([p.gradient if p.gradient is not None else np.zeros(p.n) for p in problems])
+    r, D, start = np.zeros(H.shape[0]), np.zeros((H.shape[0], len(problems))), 0
+    for b, (p, s, v) in enumerate(zip(problems, supports, vs)):
+        m = np.where(s, p.weights, 0.0)
+        r[start : start + p.n] = m - p.weights
+        D[start : start + p.n, b] = v - m
+        start += p.n
+    moving = np.flatnonzero(np.abs(D).sum(0) > 0)
+    tau = np.ones(len(problems))
+    Dm = D[:, moving]
+    tau[moving] = np.linalg.solve(Dm.T @ H @ Dm, -Dm.T @ (H @ r + g))
+    return tau
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_step_sizes_minimise_the_joint_model_with_the_cross_block_terms(seed):
+    from formulations import BlockProblem
+    from formulations.objective import block_step_sizes, joint_quadratic_model, optimal_update
+
+    rng = np.random.default_rng(seed)
+    N = 25
+    shared = rng.normal(size=(N, 1))  # a common direction in the rows: the blocks' steps are correlated
+    problems = [BlockProblem(weights=rng.normal(size=n), n_keep=k, damping=0.05 * (b + 1),
+                             factor=((rng.normal(size=(N, n)) + shared) / np.sqrt(N)).astype(dtype),
+                             gradient=rng.normal(size=n) * 0.3 if b != 1 else None)
+                for b, (n, k, dtype) in enumerate([(9, 4, np.float64), (6, 3, np.float32), (5, 5, np.float64),
+                                                   (4, 0, np.float64)])]
+    supports = [np.isin(np.arange(p.n), np.argsort(-np.abs(p.weights))[: p.n_keep]) for p in problems]
+    vs = [optimal_update(p, s).weights for p, s in zip(problems, supports)]
+    got = block_step_sizes(problems, supports, vs)
+    want = _dense_block_steps([BlockProblem(p.weights, p.n_keep, p.damping, factor=p.factor.astype(np.float64),
+                                            gradient=p.gradient) for p in problems], supports, vs)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert got[3] == 1.0  # nothing kept, nothing moves: τ is irrelevant and left at 1
+    assert not np.allclose(got[:3], 1.0)  # the cross terms matter here
+
+    def q(tau):
+        return joint_quadratic_model(problems, [np.where(s, p.weights, 0) + t * (v - np.where(s, p.weights, 0))
+                                                for p, s, v, t in zip(problems, supports, vs, tau)])
+    assert q(got) < q(np.ones(4))
+    for _ in range(20):
+        assert q(got) <= q(got + 1e-3 * rng.normal(size=4)) + 1e-12
+
+
+def test_joint_model_is_the_sum_of_block_models_plus_the_cross_terms():
+    from formulations import BlockProblem
+    from formulations.objective import joint_quadratic_model, quadratic_model
+
+    rng = np.random.default_rng(5)
+    problems = [BlockProblem(weights=rng.normal(size=n), n_keep=1, damping=0.1, factor=rng.normal(size=(7, n)),
+                             gradient=rng.normal(size=n)) for n in (3, 4)]
+    vs = [rng.normal(size=p.n) for p in problems]
+    cross = float((problems[0].factor @ (vs[0] - problems[0].weights)) @ (problems[1].factor @ (vs[1] - problems[1].weights)))
+    assert joint_quadratic_model(problems, vs) == pytest.approx(
+        quadratic_model(problems[0], vs[0]) + quadratic_model(problems[1], vs[1]) + cross, rel=1e-12)
+    with pytest.raises(Exception, match="same samples"):
+        joint_quadratic_model([problems[0], BlockProblem(np.ones(2), 1, 0.1, factor=np.ones((3, 2)))], vs)
+
+
+def test_block_steps_scale_each_blocks_update_by_its_recorded_step(trained):
+    """Against a run without it (same supports: magnitude selection): every block's kept weights are
+    m_b + τ_b (u_b − m_b), τ_b the stage record's block_steps, the compensating blocks too; and the τ_b
+    equal the oracle's on the run's own gradient rows."""
+    base, x, y = trained
+    names = _names(base)
+    comp = ("1.bias", "4.bias")
+    plain, scaled = copy.deepcopy(base), copy.deepcopy(base)
+    prune(plain, names, x, y, _config(compensate=comp))
+    report = prune(scaled, names, x, y, _config(compensate=comp, block_steps=True))
+    taus = report.stages[0].block_steps
+    assert len(taus) == 4 and not np.allclose(taus, 1.0)
+    every = names + list(comp)
+    params = dict(base.named_parameters())
+    state = scaled.state_dict()
+    keep = {n: (state[n + "_mask"].reshape(-1).numpy().astype(bool) if n + "_mask" in state
+                else np.ones(params[n].numel(), dtype=bool)) for n in every}
+    for n, tau in zip(every, taus):
+        w = params[n].detach().reshape(-1).double().numpy()
+        m = np.where(keep[n], w, 0.0)
+        u = _kept_values(plain, [n])
+        np.testing.assert_allclose(_kept_values(scaled, [n]), m + tau * (u - m), rtol=1e-5, atol=1e-6)
+
+    # the oracle on the same rows: the blocks' problems rebuilt from autograd gradients in float64
+    from formulations import BlockProblem
+    config = _config(compensate=comp)
+    G = _rows(copy.deepcopy(base), every, x, y, config)
+    X = G / np.sqrt(G.shape[0])
+    g = G.mean(0) / config.fisher_batch
+    problems, supports, vs, start = [], [], [], 0
+    for n in every:
+        size = params[n].numel()
+        w = params[n].detach().reshape(-1).double().numpy()
+        problems.append(BlockProblem(w, int(keep[n].sum()), config.damping, factor=X[:, start : start + size],
+                                     gradient=g[start : start + size]))
+        supports.append(keep[n])
+        vs.append(_kept_values(plain, [n]))
+        start += size
+    np.testing.assert_allclose(taus, _dense_block_steps(problems, supports, vs), rtol=2e-4)
+
+
+@pytest.mark.parametrize("kw, argument", [
+    (dict(couple_mean=True), "block_steps"),
+    (dict(newton_step_only=True, step_search=True), "block_steps"),
+    (dict(update=False), "update"),
+    (dict(block_steps="yes"), "block_steps"),
+])
+def test_bad_block_steps_settings_are_rejected_on_construction(kw, argument):
+    with pytest.raises(InvalidOptionError, match=argument):
+        _config(**{"block_steps": True, **kw})
+
+
+def test_cli_flag_sets_block_steps_and_describe_shows_it():
+    from engine.cli import build_parser, prune_settings
+    from engine.defaults import describe
+
+    base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
+    settings, _ = prune_settings(build_parser().parse_args(base + ["--block-steps"]))
+    assert settings["block_steps"] is True and "--block-steps" in describe(settings)
+    settings, _ = prune_settings(build_parser().parse_args(base))
+    assert "block_steps" not in settings
