@@ -40,7 +40,7 @@ from formulations.problem import BlockProblem
 from ..errors import invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, top_k_support
+from .base import Capabilities, SubsetSolver, _symmetrize_lower, spd_inverse, top_k_support
 
 __all__ = [
     "WoodFisherSolver",
@@ -93,32 +93,9 @@ def hessian_matrix(problem: BlockProblem, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     return H
 
 
-def _symmetrize_lower(A: np.ndarray) -> np.ndarray:
-    """Full symmetric matrix from one whose strictly upper triangle is zero (LAPACK/BLAS wrote only the
-    lower one). A + Aᵀ with the diagonal restored: two passes, cheaper than np.tril masks at n ~ 4000."""
-    d = np.diag(A).copy()
-    S = A + A.T
-    S[np.diag_indices_from(S)] = d
-    return S
-
-
-def _spd_inverse(H: np.ndarray) -> np.ndarray:
-    """Inverse of an SPD matrix (float64) by Cholesky (potrf + potri); eigh with clipping as a fallback."""
-    c, info = lapack.dpotrf(H, lower=1, clean=1, overwrite_a=0)
-    if info == 0:
-        inv, info = lapack.dpotri(c, lower=1, overwrite_c=1)
-        if info == 0:
-            return _symmetrize_lower(inv)
-    # rounding made the factorisation fail: H is SPD in exact arithmetic, so clip the spectrum
-    evals, evecs = np.linalg.eigh((H + H.T) / 2)
-    floor = max(float(evals.max()), 1.0) * np.finfo(np.float64).eps
-    evals = np.clip(evals, floor, None)
-    return (evecs / evals) @ evecs.T
-
-
 def hessian_inverse(problem: BlockProblem, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
     """H⁻¹ = (XᵀX + λI)⁻¹, shape (n, n), float64, symmetric. Small/medium blocks only (n² memory)."""
-    return _spd_inverse(hessian_matrix(problem, chunk_bytes))
+    return spd_inverse(hessian_matrix(problem, chunk_bytes))
 
 
 def _woodbury_diagonal(problem: BlockProblem, chunk_bytes: int) -> np.ndarray:
@@ -162,7 +139,7 @@ def _woodbury_diagonal(problem: BlockProblem, chunk_bytes: int) -> np.ndarray:
 def _dense_diagonal(problem: BlockProblem, chunk_bytes: int) -> np.ndarray:
     H = hessian_matrix(problem, chunk_bytes)
     h_diag = np.diag(H).copy()
-    diag = np.diag(_spd_inverse(H)).copy()
+    diag = np.diag(spd_inverse(H)).copy()
     return np.clip(diag, 1.0 / h_diag, 1.0 / problem.damping)
 
 
