@@ -55,6 +55,16 @@ def recommends_bn_reestimate(model: str) -> bool:
     return model == "resnet20"
 
 
+#: settings that describe() writes, in this order: ``--key`` when set, or ``--key VALUE`` for those in _VALUED
+_SWITCHES = ("update", "first_order", "step_search", "step_search_bn", "loss_samples", "holdout_loss", "couple_mean",
+             "newton_step_only", "block_steps")
+_VALUED = ("loss_samples",)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def describe(settings: dict[str, Any]) -> str:
     """One line for the log: the recommended configuration in flag form."""
     flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
@@ -63,24 +73,13 @@ def describe(settings: dict[str, Any]) -> str:
              f"--schedule {settings['schedule']}"]
     if settings.get("allocation", "magnitude") != "magnitude":
         flags.append(f"--allocation {settings['allocation']}")
-    if settings.get("update"):
-        flags.append("--update")
-    if settings.get("first_order"):
-        flags.append("--first-order")
-    if settings.get("step_search"):
-        flags.append("--step-search")
-    if settings.get("step_search_bn"):
-        flags.append("--step-search-bn")
-    if settings.get("loss_samples") is not None:
-        flags.append(f"--loss-samples {settings['loss_samples']}")
-    if settings.get("holdout_loss"):
-        flags.append("--holdout-loss")
-    if settings.get("couple_mean"):
-        flags.append("--couple-mean")
-    if settings.get("newton_step_only"):
-        flags.append("--newton-step-only")
-    if settings.get("block_steps"):
-        flags.append("--block-steps")
+    for key in _SWITCHES:
+        value = settings.get(key)
+        if key in _VALUED:
+            if value is not None:
+                flags.append(f"{_flag(key)} {value}")
+        elif value:
+            flags.append(_flag(key))
     comp = settings.get("compensate", ())
     if comp:
         flags.append(f"--compensate {comp if isinstance(comp, str) else ','.join(comp)}")

@@ -348,13 +348,19 @@ def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ba
     total, count = 0.0, 0
     # with running statistics the batch size does not change the loss, and on the CPU batches of a few
     # hundred stay in cache (ResNet20: 2x faster than 2,000); with batch statistics it defines them
-    step = batch if batch_stats else min(batch, 256)
+    step = _loss_step(batch, batch_stats)
     with eval_mode(model, batch_stats), torch.no_grad():
         for s in range(0, inputs.shape[0], step):
             out = model(fast_layout(inputs[s : s + step]))
             total += float(nn.functional.cross_entropy(out, targets[s : s + step], reduction="sum"))
             count += out.shape[0]
     return total / max(count, 1)
+
+
+def _loss_step(batch: int, batch_stats: bool = False) -> int:
+    """Images per forward pass of the training losses (:func:`_mean_loss`, :class:`_PrefixLoss`: the same
+    batches, so their losses agree bit for bit)."""
+    return batch if batch_stats else min(batch, 256)
 
 
 class _PrefixLoss:
@@ -366,7 +372,7 @@ class _PrefixLoss:
     selected the model's weights are those of the stage's start (each call restores what it changed), so
     the activations entering a part are the same for every call that changes nothing before it. Blocks
     come in model order, so one slot serves a run of blocks in the same part. Batches are those of
-    :func:`_mean_loss` (eval mode, ``min(batch, 256)`` images, channels-last), and the per-batch
+    :func:`_mean_loss` (eval mode, :func:`_loss_step` images, channels-last), and the per-batch
     operations are the same, so the loss equals the full forward pass's bit for bit. ResNet20, 200 images,
     one thread: the 18 block convs' 275 calls of a ``cbs`` run take about half the time.
     """
@@ -374,7 +380,7 @@ class _PrefixLoss:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 2000) -> None:
         from .models import forward_chain
 
-        self.model, self.inputs, self.targets, self.step = model, inputs, targets, min(batch, 256)
+        self.model, self.inputs, self.targets, self.step = model, inputs, targets, _loss_step(batch)
         self.batch = batch
         self.chain = forward_chain(model)
         self.slot: tuple[int, list[torch.Tensor]] | None = None
