@@ -360,3 +360,25 @@ def test_cli_flag_sets_block_steps_and_describe_shows_it():
     assert settings["block_steps"] is True and "--block-steps" in describe(settings)
     settings, _ = prune_settings(build_parser().parse_args(base))
     assert "block_steps" not in settings
+
+
+def test_the_joint_model_functions_reject_mismatched_blocks_with_one_message_each():
+    from formulations import BlockProblem
+    from formulations.errors import InvalidProblemError
+    from formulations.objective import block_step_sizes, joint_quadratic_model
+
+    rng = np.random.default_rng(1)
+    a = BlockProblem(weights=rng.normal(size=3), n_keep=1, damping=0.1, factor=rng.normal(size=(5, 3)))
+    b = BlockProblem(weights=rng.normal(size=2), n_keep=1, damping=0.1, factor=rng.normal(size=(5, 2)))
+    dense = BlockProblem(weights=rng.normal(size=2), n_keep=1, damping=0.1, fisher=np.eye(2))
+    keep = [np.array([True, False, False]), np.array([True, False])]
+    vs = [np.zeros(3), np.zeros(2)]
+    for fn, args in ((joint_quadratic_model, ([], [])), (block_step_sizes, ([], [], []))):
+        with pytest.raises(InvalidProblemError, match="at least one block. Got none"):
+            fn(*args)
+    with pytest.raises(InvalidProblemError, match=r"same samples.*Got row counts \['5', 'None'\]"):
+        block_step_sizes([a, dense], keep, vs)
+    with pytest.raises(InvalidProblemError, match="'vs' argument.*one vector per block \\(2\\). Got 1"):
+        joint_quadratic_model([a, b], vs[:1])
+    with pytest.raises(InvalidProblemError, match="one entry per block \\(2\\). Got 1 and 2"):
+        block_step_sizes([a, b], keep[:1], vs)
