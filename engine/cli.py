@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import CBSError, InvalidOptionError
+from .memory import retain_freed_memory
 
 __all__ = ["main", "build_parser", "parse_value", "number_type", "SPARSITY", "POSITIVE_INT", "NONNEG_INT", "POSITIVE"]
 
@@ -387,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo, "solve": _cmd_solve,
                 "export-blocks": _cmd_export, "train": cmd_train}
     try:
+        retain_freed_memory()
         return handlers[args.command](args)
     except CBSError as exc:
         sys.stderr.write(f"cbs {args.command}: error: {exc}\n")

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .memory import memory_retained
+
 __all__ = ["environment", "write_json_atomic", "append_jsonl", "read_jsonl", "to_jsonable", "atomic_write_bytes"]
 
 _PACKAGES = ("cbs-prune", "torch", "numpy", "scipy", "highspy", "pyomo", "cvxpy", "pyscipopt", "gurobipy")
@@ -38,6 +40,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
+        "retain_freed_memory": memory_retained(),
         "versions": versions,
     }
 

@@ -54,6 +54,7 @@ from engine.data import dataset_for_model, default_data_dir
 from engine.defaults import recommended
 from engine.errors import CBSError
 from engine.evaluate import evaluate, reestimate_batchnorm
+from engine.memory import retain_freed_memory
 from engine.models import PRUNABLE_PRESETS, load_model, prunable_parameters
 from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb, stage_hook
 from engine.plots import accuracy_plot
@@ -233,6 +234,7 @@ def _worker(tasks: Any, results: Any, threads: int, sweep_args: tuple) -> None:
     """A worker process of a parallel sweep: runs the units it takes from ``tasks`` until a None, and
     sends ("record", rec) for every run, then ("done", None); ("error", traceback) if a run fails."""
     try:
+        retain_freed_memory()  # spawned: the parent's malloc settings do not carry over
         torch.set_num_threads(threads)
         sweep = _Sweep(*sweep_args)
         while (unit := tasks.get()) is not None:
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bare word, as cbs prune --param: --set damping=1e-2 --set first_order=true "
                          "--set allocation=obs); use a separate --out for such runs")
     args = ap.parse_args(argv)
+    retain_freed_memory()
     model_name = args.model
     configs = CONFIGS[model_name]
     labels = args.configs or [c for c in configs if c not in EXTRA]

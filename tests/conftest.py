@@ -7,11 +7,17 @@ checkpoints take this fixture and are skipped, with the reason, when the directo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from engine.data import DATA_DIR_ENV, default_data_dir
+from engine.memory import RETAIN_ENV
+
+# the CLI entry points called in-process must not switch the test process's allocator
+# (engine.memory); tests/test_memory.py checks the policy in subprocesses
+os.environ[RETAIN_ENV] = "0"
 
 
 @pytest.fixture(scope="session")
