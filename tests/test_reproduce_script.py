@@ -53,6 +53,21 @@ def test_single_stage_label_runs_only_when_named_and_records_its_steps(shared_da
     assert rec["accuracy"] > 92.0
 
 
+def test_single_stage_lc_label_is_resnet20_only_and_kept_out_of_the_default_sweep(capsys):
+    """The paper's single-sample rows, twice as many, λ = 1e-7 and the loss-curve budget, in one stage;
+    MLPNet has no such label, and naming it there is an error that lists the labels."""
+    assert "single-stage-lc" in reproduce.EXTRA
+    config = reproduce.run_config("resnet20", "single-stage-lc", 0.7, 2, {})
+    assert (config.stages, config.method, config.update, config.fisher_samples, config.fisher_batch) == (
+        1, "magnitude", True, 2000, 1)
+    assert (config.damping, config.allocation, config.block_mode, config.first_order, config.seed) == (
+        1e-7, "loss_curve", "layer", False, 2)
+    assert "single-stage-lc" not in reproduce.CONFIGS["mlpnet"]
+    with pytest.raises(SystemExit):
+        reproduce.main(["--model", "mlpnet", "--configs", "single-stage-lc"])
+    assert "unknown label(s) ['single-stage-lc']" in capsys.readouterr().err
+
+
 def test_one_real_run_and_resume(shared_data, tmp_path, capsys):
     argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "magnitude", "--sparsities", "0.9",
             "--seeds", "0", "--out", str(tmp_path)]
