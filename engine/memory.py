@@ -3,16 +3,16 @@ allocation reuses pages that are already resident.
 
 Why: glibc serves every allocation above 32 MiB with its own ``mmap`` and hands it back to the kernel
 on ``free``. A pruning run allocates and frees such blocks all the time (gradient matrices, their
-column-major copies, N × N Gram matrices, float64 chunks), so each one is faulted in afresh. On an
-ordinary machine that costs about 0.2 s per GiB. On a virtual machine whose guest reports free pages to
-its host (Firecracker's free page reporting, as on this project's 2-core machine) the host reclaims
-them within seconds, and faulting them back costs about 8–10 s per GiB: touching a fresh 1.3 GB
-array took 10–16 s there, against 0.1 s for one the process had just freed.
+column-major copies, N × N Gram matrices, float64 chunks), so each one is faulted in afresh. On a
+virtual machine whose guest reports free pages to its host (Firecracker's free page reporting, as on
+this project's 2-core machine) the host reclaims them within seconds, and faulting them back costs
+about 8–10 s per GiB: touching a fresh 1.3 GB array took 10–16 s there, against 0.1 s for one the
+process had just freed.
 
 :func:`retain_freed_memory` turns both returns off (``mallopt(M_MMAP_MAX, 0)``: large blocks come from
 the heap; ``mallopt(M_TRIM_THRESHOLD, 2³¹ − 1)``: up to 2 GiB of free heap top is kept). The process's
 peak memory grows by what fragmentation leaves unused (MLPNet sweep worker: 5.8 GB against 4.7 GB), and
-its results are unchanged (docs/results.md, "Keeping freed memory").
+its results are unchanged (design note 27; docs/results.md, the MLPNet sweep).
 
 Only the command-line entry points (``cbs``, ``scripts/reproduce.py``) call it: a library must not
 change its host process's allocator. ``CBS_RETAIN_MEMORY=0`` turns it off for them; elsewhere than

@@ -16,7 +16,15 @@ from engine.errors import InvalidOptionError
 from engine.memory import RETAIN_ENV, memory_retained, retain_freed_memory
 from engine.records import environment
 
-_glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+
+def _is_glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):  # the name is unknown outside glibc
+        return False
+
+
+_glibc = _is_glibc()
 
 # allocate and free 256 MiB, report resident memory (MiB) before, with and after it
 _PROBE = """
