@@ -12,6 +12,10 @@ real part unchanged and gives zeros on the padding. A block with k > N is solved
 (an N×N Cholesky). Everything runs in float64; X may be stored in float32. A block whose Cholesky
 fails or is too ill-conditioned (same test as the numpy reference) is handed to the numpy reference,
 which falls back to an SVD solve and warns.
+
+A support the numpy reference has just solved for the same block (a solver scoring its own answer:
+``formulations.objective.remembered_update``) is not solved again: its solution is the reference's, and
+for the MLPNet whole block at sparsity 0.5 the second solve would cost about a minute of one core.
 """
 
 from __future__ import annotations
@@ -172,12 +176,16 @@ def batched_update(
             f"The 'supports' argument of batched_update() must have one entry per problem ({len(problems)}). "
             f"Got {len(supports)}."
         )
-    idxs = [np.flatnonzero(obj.as_support(p, s, check_size=False)) for p, s in zip(problems, supports)]
+    masks = [obj.as_support(p, s, check_size=False) for p, s in zip(problems, supports)]
+    idxs = [np.flatnonzero(m) for m in masks]
     results: list[UpdateResult | None] = [None] * len(problems)
     # group the small systems (k ≤ N) by N so they can be stacked
     groups: dict[int, list[int]] = {}
     for i, (p, idx) in enumerate(zip(problems, idxs)):
-        if 0 < idx.size <= p.n_samples and p.n_samples * idx.size * 8 <= max_batch_bytes // 4:
+        known = obj.remembered_update(p, masks[i])
+        if known is not None:  # a solver already solved this support exactly (the reference's own answer)
+            results[i] = UpdateResult(known.weights, known.objective, known.residual, known.method)
+        elif 0 < idx.size <= p.n_samples and p.n_samples * idx.size * 8 <= max_batch_bytes // 4:
             groups.setdefault(p.n_samples, []).append(i)
         else:
             results[i] = _single(p, idx)

@@ -35,6 +35,7 @@ support's optimality gap at the cost of one pass over X.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "joint_quadratic_model",
     "block_step_sizes",
     "optimal_update",
+    "remembered_update",
     "support_objective",
     "dual_bound",
     "dual_value",
@@ -64,6 +66,10 @@ __all__ = [
 
 #: Condition number above which a Cholesky solve is not trusted (float64 has ~16 digits).
 COND_LIMIT = 1e12
+
+#: exact solves remembered per block (the last few supports of ``optimal_update``): a solver that scores its
+#: final support and the engine's update of that support then share one O(N²k) solve instead of two
+MEMO_SIZE = 4
 
 
 class IllConditionedWarning(UserWarning):
@@ -217,8 +223,35 @@ def _chol_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     return scipy.linalg.cho_solve((c, low), b, check_finite=False)
 
 
+def _memo_key(problem: BlockProblem, S: np.ndarray) -> tuple[bytes, float]:
+    return hashlib.sha1(np.packbits(S).tobytes()).digest() + S.size.to_bytes(8, "little"), float(problem.damping)
+
+
+def _copy(sol: SupportSolution) -> SupportSolution:
+    return SupportSolution(weights=sol.weights.copy(), objective=sol.objective, residual=sol.residual.copy(),
+                           method=sol.method)
+
+
+def remembered_update(problem: BlockProblem, support: np.ndarray) -> SupportSolution | None:
+    """The solution ``optimal_update(problem, support)`` already computed, if it is among the last
+    ``MEMO_SIZE`` supports solved for this block (copies; None otherwise).
+
+    The memo lives on the problem's cache of derived data, which ``with_n_keep`` shares: E(S) does not
+    depend on k. It is keyed by the support and λ, and holds the gradient it was computed with, so a
+    problem that shares the cache with another gradient (or none) never sees it."""
+    S = as_support(problem, support, check_size=False)
+    key = _memo_key(problem, S)
+    for k, g, sol in problem._cache.get("exact_updates", ()):
+        if k == key and g is problem.gradient:
+            return _copy(sol)
+    return None
+
+
 def optimal_update(problem: BlockProblem, support: np.ndarray) -> SupportSolution:
     """The CBS-U update and E(S) for a support (see the module docstring for the equations).
+
+    The last ``MEMO_SIZE`` solutions of a block are remembered (:func:`remembered_update`): scoring the
+    same support again costs a copy, not a solve.
 
     Parameters
     ----------
@@ -230,6 +263,18 @@ def optimal_update(problem: BlockProblem, support: np.ndarray) -> SupportSolutio
     SupportSolution with ``weights`` v (n,) float64, v_P = 0.
     """
     S = as_support(problem, support, check_size=False)
+    known = remembered_update(problem, S)
+    if known is not None:
+        return known
+    sol = _solve_support(problem, S)
+    memo = problem._cache.setdefault("exact_updates", [])
+    memo.append((_memo_key(problem, S), problem.gradient, _copy(sol)))
+    del memo[:-MEMO_SIZE]
+    return sol
+
+
+def _solve_support(problem: BlockProblem, S: np.ndarray) -> SupportSolution:
+    """``optimal_update`` without the memo: S is a boolean mask (n,)."""
     w, lam, g = problem.weights, problem.damping, problem.gradient
     X = problem.factor_matrix()
     idx = np.flatnonzero(S)

@@ -16,12 +16,14 @@ from hypothesis import strategies as st
 
 from formulations.errors import InvalidProblemError
 from formulations.objective import (
+    MEMO_SIZE,
     IllConditionedWarning,
     as_support,
     dual_bound,
     dual_value,
     optimal_update,
     quadratic_model,
+    remembered_update,
     support_objective,
 )
 from formulations.problem import BlockProblem
@@ -126,6 +128,39 @@ def test_trivial_supports():
     assert sol.objective == pytest.approx(quadratic_model(problem, np.zeros(6)))
     full = optimal_update(problem.with_n_keep(6), np.ones(6, dtype=bool))
     assert full.objective == pytest.approx(0.0, abs=1e-14)  # g = 0: keeping everything costs nothing
+
+
+def test_recent_supports_are_remembered_and_only_for_the_same_block():
+    n, k, N, lam = 12, 6, 5, 0.1
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((N, n))
+    w = rng.standard_normal(n)
+    g = rng.standard_normal(n)
+    problem = BlockProblem(w, k, lam, factor=X, gradient=g)
+    S = random_support(n, k, 1)
+    assert remembered_update(problem, S) is None
+    first = optimal_update(problem, S)
+    first.weights[:] = 99.0  # what a caller gets is its own copy
+    first.residual[:] = 99.0
+    expected = lstsq_update(problem, S)
+    again = optimal_update(problem.with_n_keep(2), S)  # another budget shares the block's cache
+    assert np.linalg.norm(again.weights - expected) <= 1e-8 * max(1.0, float(np.linalg.norm(expected)))
+    assert np.allclose(again.residual, X @ (again.weights - w), rtol=1e-10, atol=1e-10)
+    assert remembered_update(problem, np.flatnonzero(S)) is not None  # indices name the same support
+
+    # the same cache under another gradient or λ: never the remembered answer
+    plain = BlockProblem(w, k, lam, factor=X, _cache=problem._cache)
+    assert remembered_update(plain, S) is None
+    sol = optimal_update(plain, S)
+    assert np.allclose(sol.weights, lstsq_update(plain, S), rtol=1e-8, atol=1e-10)
+    other_lam = BlockProblem(w, k, 2.0, factor=X, gradient=g, _cache=problem._cache)
+    assert remembered_update(other_lam, S) is None
+    assert np.allclose(optimal_update(other_lam, S).weights, lstsq_update(other_lam, S), rtol=1e-8, atol=1e-10)
+
+    # only the last MEMO_SIZE supports are kept
+    for seed in range(10, 10 + MEMO_SIZE):
+        optimal_update(problem, random_support(n, k, seed))
+    assert remembered_update(problem, S) is None
 
 
 # --------------------------------------------------------------------------- the dual

@@ -92,6 +92,8 @@ class SwapSolver(SubsetSolver):
             sub_options = SolveOptions(seed=options.seed, certify=False, evaluate=options.evaluate,
                                        time_limit=options.time_limit)
             tried.append((name, sub.solve(problem, sub_options).support))
+        if len(tried) == 1:  # nothing to compare: scoring the one start would be a wasted O(N²k) solve
+            return np.asarray(tried[0][1], dtype=bool).copy(), tried[0][0]
         for name, support in tried:
             value = optimal_update(problem, support).objective
             if best is None or value < best[0]:
