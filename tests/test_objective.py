@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import formulations.objective as objective
 from formulations.errors import InvalidProblemError
 from formulations.objective import (
     MEMO_SIZE,
@@ -128,6 +129,71 @@ def test_trivial_supports():
     assert sol.objective == pytest.approx(quadratic_model(problem, np.zeros(6)))
     full = optimal_update(problem.with_n_keep(6), np.ones(6, dtype=bool))
     assert full.objective == pytest.approx(0.0, abs=1e-14)  # g = 0: keeping everything costs nothing
+
+
+def _float32_block(seed: int, N: int, n: int, k: int, with_gradient: bool, lam: float = 1e-3) -> BlockProblem:
+    # gradient-like: a few strong directions plus noise, so X_S X_Sᵀ + λI is far from well-conditioned
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((N, 8)) @ rng.standard_normal((8, n)) + 0.05 * rng.standard_normal((N, n))) / np.sqrt(N)
+    g = rng.standard_normal(n) * 1e-3 if with_gradient else None
+    return BlockProblem(rng.standard_normal(n), k, lam, factor=X.astype(np.float32), gradient=g)
+
+
+@pytest.mark.parametrize("with_gradient", [False, True])
+@pytest.mark.parametrize("shape", [(1100, 3000, 2200), (2500, 1600, 1200)], ids=["woodbury", "cholesky"])
+def test_mixed_precision_solve_equals_the_float64_solve(shape, with_gradient):
+    N, n, k = shape
+    problem = _float32_block(5, N, n, k, with_gradient)
+    S = random_support(n, k, 5)
+    sol = optimal_update(problem, S)
+    assert sol.method == ("woodbury+cg" if k > N else "cholesky+cg")
+    assert np.all(sol.weights[~S] == 0.0)
+    # the oracle: the augmented least-squares system solved by SVD in float64 (condition number ~1e6 here)
+    expected = lstsq_update(problem, S)
+    error = np.linalg.norm(sol.weights - expected) / np.linalg.norm(expected)
+    assert error <= 1e-8
+    # and no less accurate than the float64 Cholesky it replaces (the Woodbury form loses digits to 1/λ)
+    plain, method = objective._float64_solve(problem, np.flatnonzero(S), problem.target())
+    assert method == ("woodbury" if k > N else "cholesky")
+    assert error <= 10 * max(np.linalg.norm(plain - expected[S]) / np.linalg.norm(expected), 1e-12)
+    assert sol.objective == pytest.approx(quadratic_model(problem, sol.weights), rel=1e-9, abs=1e-12)
+
+
+def test_mixed_precision_solve_factors_in_float64_when_float32_cannot(monkeypatch):
+    N, n, k = 1100, 2400, 2000
+    problem = _float32_block(8, N, n, k, with_gradient=True)
+    S = random_support(n, k, 8)
+    real = objective.lapack.spotrf
+    calls = []
+
+    def failing(a, **kw):  # what spotrf reports for a float32 Gram too ill-conditioned to factor
+        calls.append(a.shape)
+        c, _ = real(a, **kw)
+        return c, 3
+
+    monkeypatch.setattr(objective.lapack, "spotrf", failing)
+    sol = optimal_update(problem, S)
+    assert calls == [(N, N)] and sol.method == "woodbury+cg"
+    expected = lstsq_update(problem, S)
+    assert np.linalg.norm(sol.weights - expected) <= 1e-8 * np.linalg.norm(expected)
+
+
+def test_mixed_precision_solve_falls_back_to_float64_when_cg_stops_short(monkeypatch):
+    N, n, k = 1100, 2400, 2000
+    problem = _float32_block(6, N, n, k, with_gradient=False)
+    S = random_support(n, k, 6)
+    monkeypatch.setattr(objective, "MIXED_MAX_ITER", 0)
+    sol = optimal_update(problem, S)
+    assert sol.method == "woodbury"
+    expected = lstsq_update(problem, S)
+    assert np.linalg.norm(sol.weights - expected) <= 1e-7 * np.linalg.norm(expected)
+
+
+def test_small_or_float64_blocks_keep_the_float64_solve():
+    small = _float32_block(7, 300, 800, 500, with_gradient=False)
+    assert optimal_update(small, random_support(800, 500, 7)).method == "woodbury"
+    big64 = BlockProblem(small.weights, 500, 1e-3, factor=np.asarray(small.factor, dtype=np.float64))
+    assert optimal_update(big64, random_support(800, 500, 8)).method == "woodbury"
 
 
 def test_recent_supports_are_remembered_and_only_for_the_same_block():

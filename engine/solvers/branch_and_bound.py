@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 
 from formulations.cuts import (
     DenseSubproblem,
@@ -55,7 +54,7 @@ from formulations.problem import BlockProblem
 from ..errors import invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, top_k_support
+from .base import Capabilities, SubsetSolver, spd_inverse, top_k_support
 
 __all__ = ["BranchAndBoundSolver", "swap_local_search", "heuristic_incumbent", "DenseEvaluator"]
 
@@ -77,9 +76,7 @@ class DenseEvaluator:
         self.g = problem.gradient if problem.gradient is not None else np.zeros(self.n)
         self.pruned_side = (self.n - self.k) <= self.k
         if self.pruned_side:
-            c, low = scipy.linalg.cho_factor(self.H, lower=True, check_finite=False)
-            self.G = scipy.linalg.cho_solve((c, low), np.eye(self.n), check_finite=False)
-            self.G = 0.5 * (self.G + self.G.T)
+            self.G = spd_inverse(self.H)  # symmetric by construction
             Gg = self.G @ self.g
             self.u = self.w - Gg
             self.base = -0.5 * float(self.g @ Gg)
