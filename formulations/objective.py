@@ -20,9 +20,10 @@ least-squares solve of the augmented system and emit an :class:`IllConditionedWa
 
 **Mixed precision** ("float32 where it is safe"). The gradients X are stored in float32. When the
 system's order min(N, k) is at least ``MIXED_MIN``, the Gram matrix is formed in float32 (half the time
-of the float64 product that dominates a large update) and its float64 Cholesky factor preconditions
-conjugate gradients on the exact float64 system, run to a backward error of ``MIXED_TOL``: the answer is
-as accurate as the float64 Cholesky solve, not a float32 one. Should that not converge, the float64 Cholesky runs.
+of the float64 product that dominates a large update) and factored in float32 (in float64 when float32
+cannot factor it). That factor only preconditions conjugate gradients on the exact float64 system, run to
+a backward error of ``MIXED_TOL``: the answer is as accurate as the float64 Cholesky solve, not a float32
+one. Should that not converge, the float64 Cholesky runs.
 
 **E(S)** = q(v*) evaluated directly from the residual r = X(v* − w), which is exact and cheap.
 
@@ -262,14 +263,15 @@ def _mixed_solve(XS: np.ndarray, lam: float, rhs: np.ndarray, outer: bool) -> np
 
     The Gram matrix (X_SᵀX_S, k×k, or X_S X_Sᵀ, N×N when ``outer``) is formed in float32 by BLAS ssyrk:
     half the time of the float64 product, which dominates large updates, and half its memory. Its
-    Cholesky factor L (float64, of the float32 Gram + λI) only preconditions: P⁻¹ = (L Lᵀ)⁻¹ for the k×k
-    form, and by Woodbury P⁻¹r = (r − X_Sᵀ (L Lᵀ)⁻¹ X_S r)/λ for the N×N one. Conjugate gradients then
-    solve the float64 system itself, every product with X_S exact in float64 (row chunks), until the
-    residual is below ``MIXED_TOL``·‖A‖·‖v_S‖ (a backward error as small as a float64 Cholesky solve's;
-    ‖A‖ ≤ λ + ‖X_S‖²_F = λ + trace of the Gram). The float32 Gram's error (about 1e-7 of its largest
-    entry) leaves the preconditioned operator near the identity, so CG takes a few steps. None when the
-    factor fails the conditioning test of :func:`_chol_solve` or CG does not get there in
-    ``MIXED_MAX_ITER`` steps: the caller then takes the float64 path.
+    Cholesky factor L (of the float32 Gram + λI, by spotrf; by dpotrf when spotrf fails) only
+    preconditions: P⁻¹ = (L Lᵀ)⁻¹ for the k×k form, and by Woodbury P⁻¹r = (r − X_Sᵀ (L Lᵀ)⁻¹ X_S r)/λ
+    for the N×N one. Conjugate gradients then solve the float64 system itself, every product with X_S
+    exact in float64 (row chunks), until the residual is below ``MIXED_TOL``·‖A‖·‖v_S‖: a backward
+    error as small as a float64 Cholesky solve's (‖A‖ ≤ λ + ‖X_S‖²_F = λ + trace of the Gram). The
+    float32 Gram's error (about 1e-7 of its largest entry) leaves the preconditioned operator near the
+    identity, so CG takes a few steps. None when the factor fails the conditioning test of
+    :func:`_chol_solve` or CG does not get there in ``MIXED_MAX_ITER`` steps: the caller then takes the
+    float64 path.
     """
     G = blas.ssyrk(1.0, XS.T, trans=1 if outer else 0, lower=1)  # Fortran sees XS (C order) as XSᵀ
     norm_a = lam + float(np.trace(G, dtype=np.float64))
