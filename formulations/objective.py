@@ -227,14 +227,20 @@ def _q_from(problem: BlockProblem, d: np.ndarray, r: np.ndarray) -> float:
     return value
 
 
+def _factor_trusted(L: np.ndarray) -> bool:
+    """Whether a Cholesky factor L may be used: its diagonal estimates cond(A) ≈ (max|L_ii| / min|L_ii|)²,
+    which must not exceed ``COND_LIMIT``."""
+    d = np.abs(np.diag(L))
+    return not (d.min() <= 0 or (d.max() / d.min()) ** 2 > COND_LIMIT)
+
+
 def _chol_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """Solve A x = b for SPD A by Cholesky; None when it fails or is ill-conditioned."""
     try:
         c, low = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
-    d = np.abs(np.diag(c))
-    if d.min() <= 0 or (d.max() / d.min()) ** 2 > COND_LIMIT:
+    if not _factor_trusted(c):
         return None
     return scipy.linalg.cho_solve((c, low), b, check_finite=False)
 
@@ -269,9 +275,9 @@ def _mixed_solve(XS: np.ndarray, lam: float, rhs: np.ndarray, outer: bool) -> np
     exact in float64 (row chunks), until the residual is below ``MIXED_TOL``·‖A‖·‖v_S‖: a backward
     error as small as a float64 Cholesky solve's (‖A‖ ≤ λ + ‖X_S‖²_F = λ + trace of the Gram). The
     float32 Gram's error (about 1e-7 of its largest entry) leaves the preconditioned operator near the
-    identity, so CG takes a few steps. None when the factor fails the conditioning test of
-    :func:`_chol_solve` or CG does not get there in ``MIXED_MAX_ITER`` steps: the caller then takes the
-    float64 path.
+    identity, so CG takes a few steps. None when the factor fails the conditioning test
+    (:func:`_factor_trusted`) or CG does not get there in ``MIXED_MAX_ITER`` steps: the caller then
+    takes the float64 path.
     """
     G = blas.ssyrk(1.0, XS.T, trans=1 if outer else 0, lower=1)  # Fortran sees XS (C order) as XSᵀ
     norm_a = lam + float(np.trace(G, dtype=np.float64))
@@ -288,8 +294,7 @@ def _mixed_solve(XS: np.ndarray, lam: float, rhs: np.ndarray, outer: bool) -> np
         if info != 0:
             return None
     del G, L32
-    d = np.abs(np.diag(L))
-    if d.min() <= 0 or (d.max() / d.min()) ** 2 > COND_LIMIT:
+    if not _factor_trusted(L):
         return None
 
     def op(v: np.ndarray) -> np.ndarray:
