@@ -1,14 +1,40 @@
-"""Plots (matplotlib, headless), written atomically as PNG."""
+"""Plots (matplotlib, headless), written atomically as PNG.
+
+matplotlib is optional (the ``plots`` extra: ``pip install 'cbs-prune[plots]'``) and imported only when a
+plot is drawn; without it :func:`accuracy_plot` raises :class:`~engine.errors.SolverUnavailableError`
+(an ``ImportError``) naming the extra.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 from typing import Iterable
 
+from .errors import SolverUnavailableError
 from .records import atomic_write_bytes
 
-__all__ = ["accuracy_plot"]
+__all__ = ["accuracy_plot", "plots_available"]
+
+
+def plots_available() -> bool:
+    """True when matplotlib (the ``plots`` extra) is importable."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or an error naming the extra to install."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional (the ``plots`` extra)
+    except ImportError as exc:
+        raise SolverUnavailableError(
+            "matplotlib is not installed: pip install 'cbs-prune[plots]' (needed to draw plots)"
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
 
 
 def accuracy_plot(
@@ -21,11 +47,7 @@ def accuracy_plot(
 ) -> None:
     """Test accuracy against sparsity, one line per ``row["label"]`` (rows carry ``sparsity``, ``accuracy``);
     ``references`` are black curves with their own line style and marker (e.g. published numbers), ``dense`` a grey horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = list(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):

@@ -46,7 +46,7 @@ from .branch_and_bound import DenseEvaluator, heuristic_incumbent
 __all__ = ["CvxpySolver", "cvxpy_problem", "perspective_bound"]
 
 #: solver → (modules, pip extra)
-_MIP_SOLVERS = {"SCIP": (("cvxpy", "pyscipopt"), "scip"), "GUROBI": (("cvxpy", "gurobipy"), "gurobi")}
+_MIP_SOLVERS = {"SCIP": (("cvxpy", "pyscipopt"), "cvxpy,scip"), "GUROBI": (("cvxpy", "gurobipy"), "cvxpy,gurobi")}
 _CONIC_SOLVERS = ("CLARABEL", "SCS")
 #: how far an "optimal" bound may sit below the re-scored support (solver tolerances ~1e-6)
 _CLAIM_RTOL = 1e-5
@@ -55,8 +55,10 @@ _CLAIM_RTOL = 1e-5
 def _cp():
     try:
         import cvxpy as cp  # noqa: PLC0415 - optional until used
-    except ImportError as exc:  # pragma: no cover - cvxpy is a core dependency
-        raise SolverUnavailableError("Solver 'cvxpy' needs cvxpy. Install it with: pip install cvxpy") from exc
+    except ImportError as exc:  # cvxpy is optional: the ``cvxpy`` extra
+        raise SolverUnavailableError(
+            "cvxpy is not installed: pip install 'cbs-prune[cvxpy]' (needed by solver 'cvxpy')"
+        ) from exc
     return cp
 
 
@@ -198,7 +200,7 @@ class CvxpySolver(SubsetSolver):
         self.rel_gap = float(rel_gap)
         requires, extra = _MIP_SOLVERS[solver]
         if relaxation is not None:
-            requires, extra = ("cvxpy",), None
+            requires, extra = ("cvxpy",), "cvxpy"
         self.capabilities = Capabilities(
             exact=relaxation is None,
             reports_bound=True,

@@ -56,17 +56,19 @@ _CLAIM_RTOL = 1e-5
 
 #: solver_name → (Pyomo contrib solver name, modules it needs, pip extra, can it solve MIQPs?)
 _BACKENDS: dict[str, tuple[str, tuple[str, ...], str | None, bool]] = {
-    "scip": ("scip_direct", ("pyomo", "pyscipopt"), "scip", True),
-    "gurobi": ("gurobi_persistent", ("pyomo", "gurobipy"), "gurobi", True),
-    "highs": ("highs", ("pyomo", "highspy"), None, False),
+    "scip": ("scip_direct", ("pyomo", "pyscipopt"), "pyomo,scip", True),
+    "gurobi": ("gurobi_persistent", ("pyomo", "gurobipy"), "pyomo,gurobi", True),
+    "highs": ("highs", ("pyomo", "highspy"), "pyomo", False),
 }
 
 
 def _pyo():
     try:
         import pyomo.environ as pyo  # noqa: PLC0415 - optional until used
-    except ImportError as exc:  # pragma: no cover - pyomo is a core dependency
-        raise SolverUnavailableError("Solver 'pyomo' needs pyomo. Install it with: pip install pyomo") from exc
+    except ImportError as exc:  # pyomo is optional: the ``pyomo`` extra
+        raise SolverUnavailableError(
+            "pyomo is not installed: pip install 'cbs-prune[pyomo]' (needed by solver 'pyomo')"
+        ) from exc
     return pyo
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, SolverUnavailableError
 from .base import SubsetSolver
 
-__all__ = ["register_solver", "get_solver", "solver_names", "solver_info", "refresh", "PluginLoadWarning"]
+__all__ = [
+    "register_solver", "get_solver", "solver_names", "solver_info", "install_hint", "refresh", "PluginLoadWarning",
+]
 
 ENTRY_POINT_GROUP = "cbs.solvers"
 
@@ -36,6 +38,19 @@ _BUILTIN: dict[str, str] = {
     "highs": "engine.solvers.highs:HighsSolver",
     "pyomo": "engine.solvers.pyomo_backend:PyomoSolver",
     "cvxpy": "engine.solvers.cvxpy_backend:CvxpySolver",
+}
+
+#: optional module → the pip extra of cbs-prune that installs it (pyproject.toml); highspy is core
+EXTRA_OF_MODULE: dict[str, str] = {
+    "pyomo": "pyomo",
+    "cvxpy": "cvxpy",
+    "pyscipopt": "scip",
+    "gurobipy": "gurobi",
+    "matplotlib": "plots",
+    "tqdm": "progress",
+    "transformers": "hf",
+    "safetensors": "hf",
+    "timm": "timm",
 }
 
 _registered: dict[str, Callable[..., SubsetSolver]] = {}
@@ -92,13 +107,33 @@ def solver_names() -> list[str]:
     return list(_BUILTIN) + sorted(n for n in _registered if n not in _BUILTIN)
 
 
+def install_hint(missing: list[str] | tuple[str, ...], extra: str | None = None) -> str:
+    """The pip command that installs ``missing`` modules: ``pip install 'cbs-prune[EXTRA]'`` when the
+    solver names its extra or every module belongs to one (:data:`EXTRA_OF_MODULE`), else the modules."""
+    if extra:
+        return f"pip install 'cbs-prune[{extra}]'"
+    extras = [EXTRA_OF_MODULE.get(m.split(".")[0]) for m in missing]
+    if missing and all(extras):
+        return f"pip install 'cbs-prune[{','.join(dict.fromkeys(extras))}]'"  # type: ignore[arg-type]
+    return "pip install " + " ".join(missing)
+
+
 def _factory(name: str) -> Callable[..., SubsetSolver]:
     _ensure_loaded()
     if name in _registered:
         return _registered[name]
     if name in _BUILTIN:
         module, _, cls = _BUILTIN[name].partition(":")
-        return getattr(importlib.import_module(module), cls)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a built-in needing an optional package it does not have
+            missing = (exc.name or "").split(".")[0]
+            if missing not in EXTRA_OF_MODULE and missing != "highspy":
+                raise
+            raise SolverUnavailableError(
+                f"{missing} is not installed: {install_hint([missing])} (needed by solver '{name}')", name=missing
+            ) from exc
+        return getattr(mod, cls)
     raise InvalidOptionError(
         f"The 'method' argument must be one of {', '.join(solver_names())}. Got {name!r}."
     )
@@ -131,6 +166,8 @@ class SolverInfo:
     install: str | None
     description: str
     error: str | None = None
+    #: the pip extra(s) of cbs-prune the solver needs (None: the core suffices)
+    extra: str | None = None
 
 
 def solver_info() -> list[SolverInfo]:
@@ -140,12 +177,15 @@ def solver_info() -> list[SolverInfo]:
         try:
             inst = get_solver(name)
         except Exception as exc:  # noqa: BLE001 - a broken solver is listed, not fatal
-            rows.append(SolverInfo(name, False, False, False, None, "", f"{type(exc).__name__}: {exc}"))
+            module = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ImportError) else ""
+            hint = install_hint([module]) if module in EXTRA_OF_MODULE else None
+            rows.append(SolverInfo(name, False, False, False, hint, "", f"{type(exc).__name__}: {exc}",
+                                   EXTRA_OF_MODULE.get(module)))
             continue
         cap = inst.capabilities
         missing = cap.missing_modules()
-        install = None
-        if missing:
-            install = f"pip install 'cbs-prune[{cap.extra}]'" if cap.extra else "pip install " + " ".join(missing)
-        rows.append(SolverInfo(name, cap.exact, cap.reports_bound, not missing, install, cap.description))
+        install = install_hint(missing, cap.extra) if missing else None
+        extra = cap.extra or ",".join(dict.fromkeys(EXTRA_OF_MODULE[m] for m in cap.requires if m in EXTRA_OF_MODULE))
+        rows.append(SolverInfo(name, cap.exact, cap.reports_bound, not missing, install, cap.description,
+                               extra=extra or None))
     return rows
