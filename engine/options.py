@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from formulations.objective import UpdateMemo
+
 from .errors import invalid_option
 
 __all__ = ["SolveOptions"]
@@ -26,6 +28,11 @@ class SolveOptions:
         e.g. the training loss of the network with this block's mask applied. Solvers that use it
         (``cbs``: choice among randomized masks and passes) fall back to the quadratic model when None.
     certify : compute the free dual certificate (DESIGN.md §1) for every heuristic answer.
+    memo : optional :class:`formulations.objective.UpdateMemo` of exact solves for THIS block, owned by the
+        caller. Solvers pass it to ``optimal_update``, so the engine's re-score (and a later
+        ``engine.update.batched_update(..., memos=[memo])``) reuses the solve of the final support instead
+        of repeating it. None: nothing is remembered (``solve_block`` then makes a fresh one per call).
+        Never share one memo between different blocks.
     """
 
     time_limit: float | None = None
@@ -33,6 +40,7 @@ class SolveOptions:
     progress: bool = False
     evaluate: Callable[[np.ndarray], float] | None = None
     certify: bool = True
+    memo: UpdateMemo | None = None
 
     def __post_init__(self) -> None:
         if self.time_limit is not None and not (
@@ -41,3 +49,5 @@ class SolveOptions:
             raise invalid_option("time_limit", "SolveOptions", "None or a finite number > 0", repr(self.time_limit))
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise invalid_option("seed", "SolveOptions", "an integer >= 0", repr(self.seed))
+        if self.memo is not None and not isinstance(self.memo, UpdateMemo):
+            raise invalid_option("memo", "SolveOptions", "None or a formulations.objective.UpdateMemo", repr(self.memo))

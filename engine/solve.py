@@ -7,6 +7,7 @@ the same math, e.g. the torch update), checks the answer, and attaches the free 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -43,6 +44,7 @@ def check_result(
     objective: float | None = None,
     residual: np.ndarray | None = None,
     certify: bool = True,
+    memo: obj.UpdateMemo | None = None,
 ) -> SolveResult:
     """Check and complete a solver's answer in place; returns it.
 
@@ -52,6 +54,9 @@ def check_result(
     - ``bound`` ≤ objective (within tolerance), else SolverError;
     - ``Status.OPTIMAL`` only from exact solvers;
     - with ``certify``: bound = max(solver bound, dual bound at the support's residual); gap filled.
+
+    ``memo``: the block's :class:`~formulations.objective.UpdateMemo`; a re-score finds there the solve
+    the solver already made of its final support.
     """
     name = getattr(solver, "name", type(solver).__name__)
     support = np.asarray(result.support)
@@ -67,7 +72,7 @@ def check_result(
         )
     result.support = support
     if objective is None:
-        sol = obj.optimal_update(problem, support)
+        sol = obj.optimal_update(problem, support, memo)
         objective, residual = sol.objective, sol.residual
         if result.weights is None:
             result.weights = sol.weights
@@ -105,12 +110,17 @@ def solve_block(
     warm_start: np.ndarray | None = None,
     **params,
 ) -> SolveResult:
-    """Solve one block and return a checked :class:`SolveResult` (objective re-scored, gap certified)."""
+    """Solve one block and return a checked :class:`SolveResult` (objective re-scored, gap certified).
+
+    The solver and the re-score share ``options.memo`` (a fresh :class:`~formulations.objective.UpdateMemo`
+    for this call when None), so the final support is solved once."""
     if not isinstance(problem, BlockProblem):
         raise InvalidOptionError(
             f"The 'problem' argument of solve_block() must be a BlockProblem. Got {type(problem).__name__}."
         )
     options = options or SolveOptions()
+    if options.memo is None:
+        options = dataclasses.replace(options, memo=obj.UpdateMemo())
     inst = get_solver(solver, **params)
     if hasattr(inst, "ensure_available"):
         inst.ensure_available()
@@ -127,7 +137,7 @@ def solve_block(
     elapsed = time.perf_counter() - start
     if not result.wall_time:
         result.wall_time = elapsed
-    result = check_result(problem, result, inst, certify=options.certify)
+    result = check_result(problem, result, inst, certify=options.certify, memo=options.memo)
     if cap.exact and result.status != Status.OPTIMAL and result.termination in (
         Termination.TIME_LIMIT,
         Termination.ITERATION_LIMIT,

@@ -17,9 +17,11 @@ A large block whose gradients are float32 (min(N, k) ≥ ``formulations.objectiv
 the numpy reference's mixed-precision path: the Gram matrix in float32 preconditions conjugate gradients
 on the float64 system, as accurate as the float64 Cholesky solve in half the time.
 
-A support the numpy reference has just solved for the same block (a solver scoring its own answer:
-``formulations.objective.remembered_update``) is not solved again: its solution is the reference's, and
-for the MLPNet whole block at sparsity 0.5 the second solve would cost about a minute of one core.
+A support the numpy reference has just solved for the same block (a solver scoring its own answer) is
+not solved again when the caller passes that block's ``formulations.objective.UpdateMemo`` (``memos``):
+its solution is the reference's, and for the MLPNet whole block at sparsity 0.5 the second solve would
+cost about a minute of one core. Blocks handed to the numpy reference (ill-conditioned, or large float32)
+fill their memo.
 """
 
 from __future__ import annotations
@@ -100,13 +102,13 @@ def _gram_cholesky(XS: torch.Tensor, lam: float, outer: bool) -> tuple[torch.Ten
     return torch.from_numpy(L), torch.tensor(info)
 
 
-def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
+def _single(problem: BlockProblem, idx: np.ndarray, memo: obj.UpdateMemo | None = None) -> UpdateResult:
     if problem.factor_matrix().dtype == np.float32 and min(problem.n_samples, idx.size) >= obj.MIXED_MIN:
         # a large block of float32 gradients: the reference's mixed-precision solve (float32 Gram as the
         # preconditioner of CG on the float64 system) takes half the time of the float64 Gram below
-        return _reference(problem, idx)
+        return _reference(problem, idx, memo)
     X = _tensor(problem.factor_matrix())
-    y = _tensor(problem.target())  # cached on the problem: repeated updates of one block reuse it
+    y = _tensor(problem.target())  # derived data of the problem: repeated updates of one block reuse it
     if idx.size == 0:
         return _finish(problem, idx, torch.zeros(0, dtype=torch.float64), X[:, :0].to(torch.float64), y, "trivial")
     XS = X[:, torch.from_numpy(idx)].to(torch.float64)
@@ -124,17 +126,19 @@ def _single(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
         if bool(_cholesky_ok(L, info)):
             t = torch.cholesky_solve((XS @ b)[:, None], L)[:, 0]
             return _finish(problem, idx, (b - XS.T @ t) / lam, XS, y, method)
-    return _reference(problem, idx)
+    return _reference(problem, idx, memo)
 
 
-def _reference(problem: BlockProblem, idx: np.ndarray) -> UpdateResult:
+def _reference(problem: BlockProblem, idx: np.ndarray, memo: obj.UpdateMemo | None = None) -> UpdateResult:
     support = np.zeros(problem.n, dtype=bool)
     support[idx] = True
-    sol = obj.optimal_update(problem, support)  # an ill-conditioned system: it warns and uses the SVD solve
+    sol = obj.optimal_update(problem, support, memo)  # ill-conditioned: it warns and uses the SVD solve
     return UpdateResult(sol.weights, sol.objective, sol.residual, sol.method)
 
 
-def _batch(problems: list[BlockProblem], idxs: list[np.ndarray]) -> list[UpdateResult]:
+def _batch(
+    problems: list[BlockProblem], idxs: list[np.ndarray], memos: list[obj.UpdateMemo | None]
+) -> list[UpdateResult]:
     """Padded batched Cholesky for blocks with the same N and k ≤ N."""
     kmax = max(i.size for i in idxs)
     B, N = len(problems), problems[0].n_samples
@@ -164,12 +168,16 @@ def _batch(problems: list[BlockProblem], idxs: list[np.ndarray]) -> list[UpdateR
             k = idx.size
             out.append(_finish(p, idx, sol[b, :k].clone(), XS[b, :, :k], ys[b], "cholesky"))
         else:
-            out.append(_reference(p, idx))
+            out.append(_reference(p, idx, memos[b]))
     return out
 
 
 def batched_update(
-    problems: list[BlockProblem], supports: list[np.ndarray], max_batch_bytes: int = DEFAULT_BATCH_BYTES
+    problems: list[BlockProblem],
+    supports: list[np.ndarray],
+    memos: list[obj.UpdateMemo | None] | None = None,
+    *,
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> list[UpdateResult]:
     """The CBS-U update of every block, in the order given.
 
@@ -177,6 +185,8 @@ def batched_update(
     ----------
     problems : blocks (factor form or dense fisher).
     supports : boolean masks (n_b,) or kept indices, one per block (any size ≤ n_b).
+    memos : optional, one :class:`formulations.objective.UpdateMemo` (or None) per block: a support the
+        block's memo holds is taken from it, not solved again (nothing is remembered without one).
     max_batch_bytes : memory allowed for one stacked batch of X_S in float64.
     """
     if len(problems) != len(supports):
@@ -184,19 +194,26 @@ def batched_update(
             f"The 'supports' argument of batched_update() must have one entry per problem ({len(problems)}). "
             f"Got {len(supports)}."
         )
+    if memos is None:
+        memos = [None] * len(problems)
+    elif len(memos) != len(problems):
+        raise ValueError(
+            f"The 'memos' argument of batched_update() must be None or have one entry (an UpdateMemo or None) per "
+            f"problem ({len(problems)}). Got {len(memos)}."
+        )
     masks = [obj.as_support(p, s, check_size=False) for p, s in zip(problems, supports)]
     idxs = [np.flatnonzero(m) for m in masks]
     results: list[UpdateResult | None] = [None] * len(problems)
     # group the small systems (k ≤ N) by N so they can be stacked
     groups: dict[int, list[int]] = {}
     for i, (p, idx) in enumerate(zip(problems, idxs)):
-        known = obj.remembered_update(p, masks[i])
+        known = obj.remembered_update(p, masks[i], memos[i])
         if known is not None:  # a solver already solved this support exactly (the reference's own answer)
             results[i] = UpdateResult(known.weights, known.objective, known.residual, known.method)
         elif 0 < idx.size <= p.n_samples and p.n_samples * idx.size * 8 <= max_batch_bytes // 4:
             groups.setdefault(p.n_samples, []).append(i)
         else:
-            results[i] = _single(p, idx)
+            results[i] = _single(p, idx, memos[i])
     for N, members in groups.items():
         members.sort(key=lambda i: idxs[i].size)  # similar k together: less padding
         batch: list[int] = []
@@ -207,7 +224,8 @@ def batched_update(
                     batch.append(i)
                     continue
             if batch:
-                for j, r in zip(batch, _batch([problems[j] for j in batch], [idxs[j] for j in batch])):
+                parts = _batch([problems[j] for j in batch], [idxs[j] for j in batch], [memos[j] for j in batch])
+                for j, r in zip(batch, parts):
                     results[j] = r
             batch = [i] if i >= 0 else []
     return results  # type: ignore[return-value]

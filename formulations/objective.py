@@ -63,6 +63,7 @@ __all__ = [
     "block_step_sizes",
     "optimal_update",
     "remembered_update",
+    "UpdateMemo",
     "support_objective",
     "dual_bound",
     "dual_value",
@@ -82,8 +83,8 @@ MIXED_MIN = 1024
 MIXED_TOL = 1e-16
 MIXED_MAX_ITER = 30
 
-#: exact solves remembered per block (the last few supports of ``optimal_update``): a solver that scores its
-#: final support and the engine's update of that support then share one O(N²k) solve instead of two
+#: exact solves an :class:`UpdateMemo` remembers (the last few supports of ``optimal_update``): a solver that
+#: scores its final support and the engine's update of that support then share one O(N²k) solve instead of two
 MEMO_SIZE = 4
 
 
@@ -334,44 +335,83 @@ def _copy(sol: SupportSolution) -> SupportSolution:
                            method=sol.method)
 
 
-def remembered_update(problem: BlockProblem, support: np.ndarray) -> SupportSolution | None:
-    """The solution ``optimal_update(problem, support)`` already computed, if it is among the last
-    ``MEMO_SIZE`` supports solved for this block (copies; None otherwise).
+class UpdateMemo:
+    """The last ``size`` (default ``MEMO_SIZE``) exact solutions of ``optimal_update`` for ONE block.
 
-    The memo lives on the problem's cache of derived data, which ``with_n_keep`` shares: E(S) does not
-    depend on k. It is keyed by the support and λ, and holds the gradient it was computed with, so a
-    problem that shares the cache with another gradient (or none) never sees it."""
-    S = as_support(problem, support, check_size=False)
-    key = _memo_key(problem, S)
-    for k, g, sol in problem._cache.get("exact_updates", ()):
-        if k == key and g is problem.gradient:
-            return _copy(sol)
-    return None
+    Owned by the caller and passed explicitly (``optimal_update(problem, S, memo)``,
+    ``SolveOptions.memo``, ``engine.update.batched_update(..., memos)``); a :class:`BlockProblem` itself
+    remembers nothing. Typical use: a solver scores its final support and the engine's update of that
+    support then share one O(N²k) solve instead of two.
+
+    Each entry is keyed by the support (a hash of the mask and its length), the damping λ, and the
+    identity of the problem's ``gradient`` object (``None`` included), so the ``with_n_keep`` copies of a
+    block (E(S) does not depend on k) share entries while a problem with another λ or another gradient
+    never sees them. The weights and the factor are not part of the key: one memo must serve one block.
+    Lookups return copies, so a caller may modify what it gets.
+    """
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise InvalidProblemError(f"The 'size' argument of UpdateMemo must be an integer >= 1. Got {size!r}.")
+        self.size = int(size)
+        self._entries: list[tuple[tuple[bytes, float], np.ndarray | None, SupportSolution]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"UpdateMemo({len(self._entries)}/{self.size} solutions)"
+
+    def get(self, problem: BlockProblem, S: np.ndarray) -> SupportSolution | None:
+        """A copy of the remembered solution for the boolean mask ``S`` (n,), or None."""
+        key = _memo_key(problem, S)
+        for k, g, sol in self._entries:
+            if k == key and g is problem.gradient:
+                return _copy(sol)
+        return None
+
+    def put(self, problem: BlockProblem, S: np.ndarray, sol: SupportSolution) -> None:
+        """Remember (a copy of) ``sol`` for the boolean mask ``S``; the oldest entry beyond ``size`` goes."""
+        self._entries.append((_memo_key(problem, S), problem.gradient, _copy(sol)))
+        del self._entries[: -self.size]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
-def optimal_update(problem: BlockProblem, support: np.ndarray) -> SupportSolution:
+def remembered_update(problem: BlockProblem, support: np.ndarray, memo: UpdateMemo | None) -> SupportSolution | None:
+    """The solution ``optimal_update(problem, support, memo)`` already computed, if ``memo`` holds it
+    (a copy; None otherwise, and always None without a memo). ``support``: mask (n,) or kept indices."""
+    if memo is None:
+        return None
+    return memo.get(problem, as_support(problem, support, check_size=False))
+
+
+def optimal_update(problem: BlockProblem, support: np.ndarray, memo: UpdateMemo | None = None) -> SupportSolution:
     """The CBS-U update and E(S) for a support (see the module docstring for the equations).
 
-    The last ``MEMO_SIZE`` solutions of a block are remembered (:func:`remembered_update`): scoring the
-    same support again costs a copy, not a solve.
+    With a ``memo`` (:class:`UpdateMemo`, one per block, owned by the caller) a support solved before is
+    returned as a copy instead of solved again, and a new solve is remembered there. Without one nothing
+    is remembered.
 
     Parameters
     ----------
     problem : BlockProblem
     support : (n,) bool or kept indices. Its size need not equal ``n_keep`` (used by greedy methods).
+    memo : UpdateMemo, optional
 
     Returns
     -------
     SupportSolution with ``weights`` v (n,) float64, v_P = 0.
     """
     S = as_support(problem, support, check_size=False)
-    known = remembered_update(problem, S)
+    if memo is None:
+        return _solve_support(problem, S)
+    known = memo.get(problem, S)
     if known is not None:
         return known
     sol = _solve_support(problem, S)
-    memo = problem._cache.setdefault("exact_updates", [])
-    memo.append((_memo_key(problem, S), problem.gradient, _copy(sol)))
-    del memo[:-MEMO_SIZE]
+    memo.put(problem, S, sol)
     return sol
 
 

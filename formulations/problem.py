@@ -18,14 +18,16 @@ optional and off by default, as in CBS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from .errors import InvalidProblemError, invalid_argument
 
 __all__ = ["BlockProblem"]
+
+_T = TypeVar("_T")
 
 #: columns converted to float64 at a time by matvec / rmatvec (N · 2048 · 8 bytes)
 _CHUNK = 2048
@@ -60,6 +62,15 @@ class BlockProblem:
         Mean gradient ``g``; ``None`` means g = 0 (the CBS convention).
     label : str
         Free text carried into records (e.g. ``"fc2[3]"``).
+
+    Derived data
+    ------------
+    A problem holds no mutable state that changes a result. Quantities that are pure functions of the
+    block's data and independent of ``k`` and ``g`` (y = Xw, the factor of a dense Fisher, diag(H⁻¹)) are
+    computed lazily, once, by :meth:`derived` and kept in a private slot that is not a constructor
+    argument, is not compared and not shown; :meth:`with_n_keep` and :meth:`with_gradient` share it.
+    Memos of solves (which depend on the caller's work, not only on the data) are never kept here: see
+    ``formulations.objective.UpdateMemo``, which the caller owns.
     """
 
     weights: np.ndarray
@@ -69,9 +80,10 @@ class BlockProblem:
     fisher: np.ndarray | None = None
     gradient: np.ndarray | None = None
     label: str = ""
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # the derived-data slot (see the class docstring): not a field, so not a constructor argument
+        object.__setattr__(self, "_derived", {})
         w = np.asarray(self.weights)
         if w.ndim != 1 or w.size == 0:
             raise _fail("weights", "a non-empty 1-D array", _describe(w))
@@ -155,26 +167,50 @@ class BlockProblem:
         return self.factor.shape[0] if self.factor is not None else self.n
 
     def with_n_keep(self, n_keep: int) -> "BlockProblem":
-        """The same block with another budget (shares the arrays and the cache of derived data, which
-        does not depend on k: y = Xw, factors, diag(H⁻¹); no copy)."""
-        return BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label,
-                            _cache=self._cache)
+        """The same block with another budget: shares the (read-only) arrays, the gradient object included,
+        and the derived data, none of which depends on k (y = Xw, factors, diag(H⁻¹)); no copy."""
+        other = BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label)
+        return self._sharing(other, gradient=True)
+
+    def with_gradient(self, gradient: np.ndarray | None) -> "BlockProblem":
+        """The same block with another mean gradient ``g`` (``None``: g = 0); shares the arrays and the
+        derived data, none of which depends on g."""
+        other = BlockProblem(self.weights, self.n_keep, self.damping, self.factor, self.fisher, gradient, self.label)
+        return self._sharing(other, gradient=False)
+
+    def _sharing(self, other: "BlockProblem", gradient: bool) -> "BlockProblem":
+        """``other`` (validated, equal data) made to hold this problem's very arrays and derived data."""
+        names = ("weights", "factor", "fisher") + (("gradient",) if gradient else ())
+        for name in names:
+            object.__setattr__(other, name, getattr(self, name))
+        object.__setattr__(other, "_derived", self._derived)
+        return other
 
     # ----------------------------------------------------------- derived data
+    def derived(self, key: Any, compute: Callable[["BlockProblem"], _T]) -> _T:
+        """The derived quantity ``key``: ``compute(self)`` the first time, the same object afterwards
+        (arrays are made read-only).
+
+        Only for pure functions of the block's data that depend neither on ``n_keep`` nor on
+        ``gradient`` (the slot is shared by :meth:`with_n_keep` and :meth:`with_gradient`), e.g. y = Xw or
+        diag(H⁻¹) for a given method. Never for results of a search or a solve."""
+        store = self._derived
+        if key not in store:
+            value = compute(self)
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+            store[key] = value
+        return store[key]
+
     def factor_matrix(self) -> np.ndarray:
         """``X`` with ``XᵀX = F`` (float64 view or float32 array as stored).
 
         When only ``fisher`` is held, ``X = Λ^{1/2} Uᵀ`` from ``F = U Λ Uᵀ`` (eigenvalues clipped at 0),
-        shape (n, n), computed once and cached.
+        shape (n, n), computed once (derived data).
         """
         if self.factor is not None:
             return self.factor
-        if "factor" not in self._cache:
-            evals, evecs = np.linalg.eigh(self.fisher)
-            X = np.sqrt(np.clip(evals, 0.0, None))[:, None] * evecs.T
-            X.setflags(write=False)
-            self._cache["factor"] = X
-        return self._cache["factor"]
+        return self.derived("factor", _eigen_factor)
 
     def fisher_diagonal(self) -> np.ndarray:
         """``diag F`` (n,), float64."""
@@ -203,12 +239,8 @@ class BlockProblem:
         return self.dense_fisher() + self.damping * np.eye(self.n)
 
     def target(self) -> np.ndarray:
-        """``y = X w`` (N,), float64, computed once and cached."""
-        if "target" not in self._cache:
-            y = self.matvec(self.weights)
-            y.setflags(write=False)
-            self._cache["target"] = y
-        return self._cache["target"]
+        """``y = X w`` (N,), float64, computed once (derived data)."""
+        return self.derived("target", lambda p: p.matvec(p.weights))
 
     def matvec(self, d: np.ndarray) -> np.ndarray:
         """``X d`` (N,) in float64, by column chunks so a float32 X is never copied whole."""
@@ -261,3 +293,9 @@ class BlockProblem:
             mean_diag = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) / X.shape[1]
             lam = lam * mean_diag if mean_diag > 0 else lam
         return cls(weights, n_keep, lam, factor=X, gradient=gradient, label=label)
+
+
+def _eigen_factor(problem: BlockProblem) -> np.ndarray:
+    """``X = Λ^{1/2} Uᵀ`` from ``F = U Λ Uᵀ`` (eigenvalues clipped at 0)."""
+    evals, evecs = np.linalg.eigh(problem.fisher)
+    return np.sqrt(np.clip(evals, 0.0, None))[:, None] * evecs.T

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
+import formulations.objective as objective
 from engine.errors import InvalidOptionError, SolverError, SolverUnavailableError
 from engine.options import SolveOptions
 from engine.result import SolveResult, Status, Termination
 from engine.solve import solve_block
 from engine.solvers import Capabilities, SubsetSolver, get_solver, register_solver, solver_names
-from formulations.objective import support_objective
+from engine.update import batched_update
+from formulations.objective import UpdateMemo, support_objective
 from formulations.problem import BlockProblem
 
 
@@ -106,5 +108,23 @@ def test_solve_block_rejects_oversized_block_and_bad_options():
         SolveOptions(time_limit=-1)
     with pytest.raises(InvalidOptionError, match="'seed'"):
         SolveOptions(seed=-2)
+    with pytest.raises(InvalidOptionError, match="'memo'"):
+        SolveOptions(memo={})
     with pytest.raises(InvalidOptionError, match="'problem'"):
         solve_block("not a problem")
+
+
+@pytest.mark.parametrize("solver", ["brute_force", "iht"])
+def test_the_final_support_is_solved_once_and_the_caller_may_keep_the_memo(monkeypatch, solver):
+    solved = []
+    real = objective._solve_support
+    monkeypatch.setattr(objective, "_solve_support", lambda p, S: solved.append(S.copy()) or real(p, S))
+    p = _problem(seed=4, n=10, k=4)
+    r = solve_block(p, solver)  # solve_block's own fresh memo: the re-score reuses the solver's solve
+    assert sum(np.array_equal(S, r.support) for S in solved) == 1
+    memo = UpdateMemo()
+    solved.clear()
+    r = solve_block(p, solver, SolveOptions(memo=memo))  # a memo the caller keeps: the update reuses it too
+    (u,) = batched_update([p], [r.support], [memo])
+    assert sum(np.array_equal(S, r.support) for S in solved) == 1
+    assert u.objective == r.objective and np.array_equal(u.weights, r.weights)

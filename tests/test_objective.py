@@ -6,6 +6,7 @@ The oracle for E(S) is independent linear algebra: ``np.linalg.lstsq`` on the au
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 
@@ -24,6 +25,7 @@ from formulations.objective import (
     dual_value,
     optimal_update,
     quadratic_model,
+    UpdateMemo,
     remembered_update,
     support_objective,
 )
@@ -204,29 +206,72 @@ def test_recent_supports_are_remembered_and_only_for_the_same_block():
     g = rng.standard_normal(n)
     problem = BlockProblem(w, k, lam, factor=X, gradient=g)
     S = random_support(n, k, 1)
-    assert remembered_update(problem, S) is None
-    first = optimal_update(problem, S)
+    memo = UpdateMemo()
+    assert remembered_update(problem, S, memo) is None
+    assert remembered_update(problem, S, None) is None
+    first = optimal_update(problem, S, memo)
+    assert len(memo) == 1
     first.weights[:] = 99.0  # what a caller gets is its own copy
     first.residual[:] = 99.0
     expected = lstsq_update(problem, S)
-    again = optimal_update(problem.with_n_keep(2), S)  # another budget shares the block's cache
+    again = optimal_update(problem.with_n_keep(2), S, memo)  # another budget of the block: same memo entry
+    assert len(memo) == 1
     assert np.linalg.norm(again.weights - expected) <= 1e-8 * max(1.0, float(np.linalg.norm(expected)))
     assert np.allclose(again.residual, X @ (again.weights - w), rtol=1e-10, atol=1e-10)
-    assert remembered_update(problem, np.flatnonzero(S)) is not None  # indices name the same support
+    assert remembered_update(problem, np.flatnonzero(S), memo) is not None  # indices name the same support
 
-    # the same cache under another gradient or λ: never the remembered answer
-    plain = BlockProblem(w, k, lam, factor=X, _cache=problem._cache)
-    assert remembered_update(plain, S) is None
-    sol = optimal_update(plain, S)
+    # the same memo under another gradient or λ: never the remembered answer
+    plain = problem.with_gradient(None)
+    assert remembered_update(plain, S, memo) is None
+    sol = optimal_update(plain, S, memo)
     assert np.allclose(sol.weights, lstsq_update(plain, S), rtol=1e-8, atol=1e-10)
-    other_lam = BlockProblem(w, k, 2.0, factor=X, gradient=g, _cache=problem._cache)
-    assert remembered_update(other_lam, S) is None
-    assert np.allclose(optimal_update(other_lam, S).weights, lstsq_update(other_lam, S), rtol=1e-8, atol=1e-10)
+    other_lam = BlockProblem(w, k, 2.0, factor=X, gradient=g)
+    assert remembered_update(other_lam, S, memo) is None
+    assert np.allclose(optimal_update(other_lam, S, memo).weights, lstsq_update(other_lam, S), rtol=1e-8, atol=1e-10)
 
     # only the last MEMO_SIZE supports are kept
     for seed in range(10, 10 + MEMO_SIZE):
-        optimal_update(problem, random_support(n, k, seed))
-    assert remembered_update(problem, S) is None
+        optimal_update(problem, random_support(n, k, seed), memo)
+    assert len(memo) == MEMO_SIZE
+    assert remembered_update(problem, S, memo) is None
+    with pytest.raises(InvalidProblemError):
+        UpdateMemo(0)
+
+
+def test_a_block_problem_holds_no_memo_state(monkeypatch):
+    calls = []
+    real = objective._solve_support
+
+    def counting(problem, S):
+        calls.append(1)
+        return real(problem, S)
+
+    monkeypatch.setattr(objective, "_solve_support", counting)
+    problem = make_problem(10, 4, 0, "well", True)
+    S = random_support(10, 4, 0)
+    a = optimal_update(problem, S)
+    b = optimal_update(problem, S)
+    assert len(calls) == 2  # without a memo nothing is remembered
+    assert a.objective == b.objective and np.array_equal(a.weights, b.weights)
+    memo = UpdateMemo()
+    optimal_update(problem, S, memo)
+    optimal_update(problem, S, memo)
+    optimal_update(problem.with_n_keep(3), S, memo)
+    assert len(calls) == 3  # with a memo: one solve
+    optimal_update(problem, S, UpdateMemo())  # a fresh memo knows nothing
+    assert len(calls) == 4
+
+    names = {f.name for f in dataclasses.fields(BlockProblem)}
+    assert names == {"weights", "n_keep", "damping", "factor", "fisher", "gradient", "label"}
+    assert not any("cache" in name or "memo" in name for name in names)
+    with pytest.raises(TypeError):
+        BlockProblem(problem.weights, 4, 1.0, factor=problem.factor, _cache={})  # type: ignore[call-arg]
+    # derived data (pure functions of the data) are shared by the copies with another k or g, and read-only
+    y = problem.target()
+    assert problem.with_n_keep(2).target() is y and problem.with_gradient(None).target() is y
+    assert not y.flags.writeable
+    assert dataclasses.replace(problem, n_keep=2).target() is not y  # a new problem derives its own
+    assert "_derived" not in repr(problem)
 
 
 # --------------------------------------------------------------------------- the dual

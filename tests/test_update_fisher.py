@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.fisher import per_sample_gradients
 from engine.update import batched_update
-from formulations.objective import optimal_update, remembered_update
+from formulations.objective import UpdateMemo, optimal_update, remembered_update
 from formulations.problem import BlockProblem
 
 
@@ -56,26 +56,35 @@ def test_update_woodbury_path_used_when_rows_are_few():
 
 @pytest.mark.parametrize("N", [6, 40])
 def test_update_reuses_the_reference_solve_of_a_support_it_just_made(N):
-    # a solver that scored its final support with the reference: the update returns that solve, not a second one
+    # a solver that scored its final support with the reference, in the block's memo: the update returns that
+    # solve, not a second one
     rng = np.random.default_rng(11)
     p = _problem(rng, N, 30, 20, gradient=True)
     s, fresh = _support(rng, 30, 20), _support(rng, 30, 20)
-    ref = optimal_update(p, s)
-    assert remembered_update(p, fresh) is None
-    r, q = batched_update([p, p.with_n_keep(20)], [s, fresh])
+    memo = UpdateMemo()
+    ref = optimal_update(p, s, memo)
+    assert remembered_update(p, fresh, memo) is None
+    r, q = batched_update([p, p.with_n_keep(20)], [s, fresh], [memo, memo])
     assert r.method == ref.method and r.objective == ref.objective
     assert np.array_equal(r.weights, ref.weights) and np.array_equal(r.residual, ref.residual)
     r.weights[:] = 0.0  # the caller's copy
-    assert np.array_equal(remembered_update(p, s).weights, ref.weights)
+    assert np.array_equal(remembered_update(p, s, memo).weights, ref.weights)
     other = optimal_update(p, fresh)  # the torch solve of the other support still agrees with the reference
     assert abs(q.objective - other.objective) <= 1e-8 * max(1.0, abs(other.objective))
     np.testing.assert_allclose(q.weights, other.weights, rtol=1e-7, atol=1e-10)
+    # without the memo the update solves again (in torch) and still agrees
+    (plain,) = batched_update([p], [s])
+    assert abs(plain.objective - ref.objective) <= 1e-8 * max(1.0, abs(ref.objective))
+    (mixed,) = batched_update([p], [s], [None])
+    assert abs(mixed.objective - ref.objective) <= 1e-8 * max(1.0, abs(ref.objective))
 
 
 def test_update_rejects_mismatched_lists():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="supports"):
         batched_update([_problem(rng, 5, 4, 2)], [])
+    with pytest.raises(ValueError, match="memos"):
+        batched_update([_problem(rng, 5, 4, 2)], [np.array([0, 1])], [])
 
 
 def _net():

@@ -281,7 +281,7 @@ class BranchAndBoundSolver(SubsetSolver):
 
         if 0 < k < n:
             none = np.zeros(n, dtype=bool)
-            x0 = optimal_update(problem, best_S).weights
+            x0 = optimal_update(problem, best_S, options.memo).weights
             for child in search.evaluate(root, none, none.copy(), x0, 0):
                 heapq.heappush(heap, child)
             nodes = 1

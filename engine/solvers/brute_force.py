@@ -17,7 +17,7 @@ m = min(k, n − k) (both exact for any g; derivations below), in batches of sup
 
 The kept-side formula subtracts large terms, so every support whose batched score lies within a
 rounding band of the best (up to 1,000 of them) is re-scored with
-``formulations.objective.support_objective`` and the minimum of those exact values wins (ties: first in
+``formulations.objective.optimal_update`` and the minimum of those exact values wins (ties: first in
 lexicographic order of the kept indices). The winner's objective is therefore the engine's E(S).
 """
 
@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from formulations.objective import optimal_update, support_objective
+from formulations.objective import SupportSolution, as_support, optimal_update
 from formulations.problem import BlockProblem
 
 from ..errors import invalid_option
@@ -165,13 +165,18 @@ class BruteForceSolver(SubsetSolver):
         for j in sorted(order):  # enumeration order: lexicographic on the side's indices
             mask = np.zeros(n, dtype=bool)
             mask[pool_sets[j]] = True
-            support = ~mask if pruned_side else mask
-            candidates.append((support_objective(problem, support), _kept_key(support), support))
+            candidates.append(~mask if pruned_side else mask)
         if warm_start is not None and timed_out:
-            ws = np.asarray(warm_start, dtype=bool)
-            candidates.append((support_objective(problem, ws), _kept_key(ws), ws))
-        best_value, _, best_support = min(candidates, key=lambda c: (c[0], c[1]))
-        sol = optimal_update(problem, best_support)
+            candidates.append(as_support(problem, warm_start))
+        # exact re-score; only the best solve is kept (ties: the smallest kept indices, lexicographically)
+        best: tuple[float, tuple[int, ...], np.ndarray, SupportSolution] | None = None
+        for support in candidates:
+            cand = optimal_update(problem, support)
+            if best is None or (cand.objective, _kept_key(support)) < (best[0], best[1]):
+                best = (cand.objective, _kept_key(support), support, cand)
+        _, _, best_support, sol = best
+        if options.memo is not None:  # the engine's re-score and update of this support reuse the solve
+            options.memo.put(problem, best_support, sol)
         wall = time.perf_counter() - start
         if timed_out:
             return SolveResult(

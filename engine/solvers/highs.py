@@ -211,7 +211,7 @@ class HighsSolver(SubsetSolver):
         # the root relaxation: its dual point's cut makes the first master bound the relaxation bound
         root = dense_subproblem(problem)
         delta, lip = perspective_shift(root.hessian, problem.damping)
-        v0 = optimal_update(problem, best_S).weights
+        v0 = optimal_update(problem, best_S, options.memo).weights
         rel = solve_perspective(root, delta, lip, v0=v0, max_iter=3000, rtol=1e-10)
         bound = rel.bound
         info.update({"root_bound": rel.bound, "shift": delta, "relaxation_iterations": rel.iterations})

@@ -218,7 +218,7 @@ class IHTSolver(SubsetSolver):
         deadline = None if options.time_limit is None else start + options.time_limit
         n, k = problem.n, problem.n_keep
         S = top_k_support(np.abs(problem.weights), k) if warm_start is None else np.asarray(warm_start, bool).copy()
-        first = optimal_update(problem, S)
+        first = optimal_update(problem, S, options.memo)
         best_objective, best_support, best_weights = first.objective, S.copy(), first.weights
         if k in (0, n):  # a single feasible support
             return SolveResult(
@@ -314,7 +314,7 @@ class IHTSolver(SubsetSolver):
             stable = stable + 1 if same else 0
             if same and (stable >= self.patience or settled):
                 if self.active_set and not np.array_equal(S, polished):
-                    sol = optimal_update(problem, S)
+                    sol = optimal_update(problem, S, options.memo)
                     n_polish += 1
                     evaluated.add(S.tobytes())
                     polished = S.copy()
@@ -328,7 +328,7 @@ class IHTSolver(SubsetSolver):
                     termination = Termination.LOCAL_OPTIMUM
                     break
         if S.tobytes() not in evaluated:
-            sol = optimal_update(problem, S)
+            sol = optimal_update(problem, S, options.memo)
             if sol.objective < best_objective:
                 best_objective, best_support, best_weights = sol.objective, S.copy(), sol.weights
         return SolveResult(

@@ -228,7 +228,7 @@ class PyomoSolver(SubsetSolver):
         model = pyomo_model(canonical)
         # initial values: the incumbent and its optimal update (z drives the MIP start)
         x0 = np.zeros(canonical.n_vars)
-        v0 = optimal_update(problem, best_S).weights
+        v0 = optimal_update(problem, best_S, options.memo).weights
         x0[canonical.var_names["v"]] = v0
         x0[canonical.var_names["z"]] = best_S.astype(np.float64)
         if "r" in canonical.var_names:

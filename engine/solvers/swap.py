@@ -90,12 +90,12 @@ class SwapSolver(SubsetSolver):
         for name in self.start:
             sub = get_solver(name)
             sub_options = SolveOptions(seed=options.seed, certify=False, evaluate=options.evaluate,
-                                       time_limit=options.time_limit)
+                                       time_limit=options.time_limit, memo=options.memo)
             tried.append((name, sub.solve(problem, sub_options).support))
         if len(tried) == 1:  # nothing to compare: scoring the one start would be a wasted O(N²k) solve
             return np.asarray(tried[0][1], dtype=bool).copy(), tried[0][0]
         for name, support in tried:
-            value = optimal_update(problem, support).objective
+            value = optimal_update(problem, support, options.memo).objective
             if best is None or value < best[0]:
                 best = (value, np.asarray(support, dtype=bool).copy(), name)
         return best[1], best[2]  # type: ignore[index]

@@ -165,14 +165,12 @@ def obs_scores(problem: BlockProblem, method: str = "auto", chunk_bytes: int = D
     alone with the others re-optimised). Comparable across blocks that share a loss, which is how a global
     budget by OBS score is set.
 
-    diag(H⁻¹) depends on X, λ only (not on k), so it is cached on the problem: the budget, the solver and
-    every :meth:`~formulations.problem.BlockProblem.with_n_keep` copy of one block compute it once."""
+    diag(H⁻¹) depends on X, λ only (not on k nor g), so it is derived data of the problem
+    (:meth:`~formulations.problem.BlockProblem.derived`): the budget, the solver and every
+    :meth:`~formulations.problem.BlockProblem.with_n_keep` copy of one block compute it once."""
     key = ("hessian_inverse_diagonal", _choose_method(problem, method))
-    if key not in problem._cache:
-        diag = hessian_inverse_diagonal(problem, method, chunk_bytes)
-        diag.setflags(write=False)
-        problem._cache[key] = diag
-    return problem.weights**2 / problem._cache[key]
+    diag = problem.derived(key, lambda p: hessian_inverse_diagonal(p, method, chunk_bytes))
+    return problem.weights**2 / diag
 
 
 class WoodFisherSolver(SubsetSolver):
