@@ -6,7 +6,7 @@
 * 8x8 digits (shipped inside the package): features (N, 64) float32 in [0, 1].
 
 Labels are always int64 of shape (N,). The MNIST/CIFAR files live in the shared data directory
-(:func:`default_data_dir`: ``$CBS_DATA_DIR`` or ``../shared/data`` next to the project root).
+(:func:`default_data_dir`: ``$CBS_DATA_DIR`` or ``../shared/data`` relative to the working directory).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ __all__ = [
     "load_mnist",
     "load_cifar10",
     "augment_cifar10",
+    "crop_flip_plan",
+    "crop_flip",
     "fast_layout",
     "load_digits",
     "dataset_for_model",
@@ -68,16 +70,15 @@ PathLike = str | os.PathLike[str]
 
 
 def default_data_dir() -> Path:
-    """The shared data directory: ``$CBS_DATA_DIR`` if set, else ``<project root>/../shared/data``.
+    """The shared data directory: ``$CBS_DATA_DIR`` if set, else ``./../shared/data`` relative to the working
+    directory (the layout of a checkout beside ``shared/``), never the install location.
 
-    The project root is the parent of the ``engine`` package directory. The path is returned
-    whether or not it exists; the loaders report a missing directory.
+    The path is returned whether or not it exists; the loaders report a missing directory.
     """
     override = os.environ.get(DATA_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    project_root = Path(__file__).resolve().parent.parent
-    return project_root.parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
 
 
 def _resolve_dir(data_dir: PathLike | None) -> Path:
@@ -194,27 +195,44 @@ def augment_cifar10(images: torch.Tensor, *, copies: int = 1, seed: int = 0, pad
     for name, value, low in (("copies", copies, 1), ("padding", padding, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise invalid_option(name, "augment_cifar10()", f"an integer >= {low}", value)
-    n, _, height, width = images.shape
-    black = (0.0 - CIFAR10_MEAN) / CIFAR10_STD
-    padded = torch.nn.functional.pad(images, (padding,) * 4, value=black)
+    n = images.shape[0]
+    plan = crop_flip_plan(n, copies=copies, seed=seed, padding=padding)
+    black = torch.full((images.shape[1],), (0.0 - CIFAR10_MEAN) / CIFAR10_STD)
+    return crop_flip(images.repeat(copies, 1, 1, 1), plan, torch.arange(copies * n), black)
+
+
+def crop_flip_plan(n: int, *, copies: int = 1, seed: int = 0, padding: int = 4) -> dict[str, torch.Tensor | int]:
+    """The random choices of :func:`augment_cifar10` for ``copies`` copies of ``n`` images, drawn up front
+    (a private generator): ``top``, ``left`` (copies, n) crop offsets in [0, 2·padding] and ``flip``
+    (copies, n) bool. Drawn in the same order as always (per copy: tops, lefts, flips), so that applying them
+    batch by batch (:func:`crop_flip`) gives the images :func:`augment_cifar10` gives all at once."""
     generator = torch.Generator().manual_seed(seed)
-    rows_base = torch.arange(height)
-    cols_base = torch.arange(width)
-    out = []
+    tops, lefts, flips = [], [], []
     for _ in range(copies):
-        top = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-        left = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-        flip = torch.rand(n, 1, generator=generator) < 0.5
-        rows = top + rows_base  # (n, H): source row of each output row
-        cols = left + torch.where(flip, cols_base.flip(0), cols_base)  # (n, W), reversed when flipped
-        index = (
-            torch.arange(n)[:, None, None, None],
-            torch.arange(images.shape[1])[None, :, None, None],
-            rows[:, None, :, None],
-            cols[:, None, None, :],
-        )
-        out.append(padded[tuple(t.to(images.device) for t in index)])
-    return torch.cat(out)
+        tops.append(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+        lefts.append(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+        flips.append(torch.rand(n, 1, generator=generator)[:, 0] < 0.5)
+    return {"top": torch.stack(tops), "left": torch.stack(lefts), "flip": torch.stack(flips), "padding": padding,
+            "n": n}
+
+
+def crop_flip(images: torch.Tensor, plan: dict, rows: torch.Tensor, black: torch.Tensor) -> torch.Tensor:
+    """Augmented images: ``images[j]`` (B, C, H, W) is copy ``rows[j] // n`` of image ``rows[j] % n`` of the
+    plan, padded by ``plan["padding"]`` pixels of ``black`` (C,) per channel (the normalised value of a black
+    pixel), cropped back to (H, W) at the plan's offset and flipped where the plan says."""
+    n, p = plan["n"], plan["padding"]
+    b, c, height, width = images.shape
+    copy, index = rows // n, rows % n
+    padded = images.new_empty(b, c, height + 2 * p, width + 2 * p)
+    padded[:] = black.to(images.dtype).view(1, c, 1, 1)
+    padded[:, :, p : p + height, p : p + width] = images
+    top, left, flip = plan["top"][copy, index][:, None], plan["left"][copy, index][:, None], plan["flip"][copy, index][:, None]
+    rows_base, cols_base = torch.arange(height), torch.arange(width)
+    source_rows = top + rows_base
+    source_cols = left + torch.where(flip, cols_base.flip(0), cols_base)
+    grid = (torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+            source_rows[:, None, :, None], source_cols[:, None, None, :])
+    return padded[tuple(t.to(images.device) for t in grid)]
 
 
 def load_digits(split: str = "train", *, n_test: int = 400, seed: int = 0) -> LabelledData:

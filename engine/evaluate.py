@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .data import fast_layout
 from .errors import invalid_option
 
-__all__ = ["evaluate", "reestimate_batchnorm", "eval_mode"]
+__all__ = ["evaluate", "reestimate_batchnorm", "reestimate_batchnorm_batches", "eval_mode"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -145,6 +145,23 @@ def reestimate_batchnorm(
         raise invalid_option("passes", "reestimate_batchnorm()", "a positive integer", passes)
     if images.shape[0] == 0:
         raise invalid_option("images", "reestimate_batchnorm()", "a non-empty tensor", tuple(images.shape))
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(passes):
+            order = None if generator is None else torch.randperm(images.shape[0], generator=generator)
+            for start in range(0, images.shape[0], batch_size):
+                rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+                yield images[rows]
+
+    return reestimate_batchnorm_batches(model, batches())
+
+
+def reestimate_batchnorm_batches(model: nn.Module, batches) -> int:
+    """:func:`reestimate_batchnorm` over an iterable of input batches (streamed: one batch in memory at a
+    time): every BatchNorm layer is reset and accumulates a cumulative average over all batches
+    (``momentum=None``); flags and momenta are restored after, the old statistics too on an error. Returns the
+    number of layers re-estimated (0: none, and ``batches`` is not read)."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -158,13 +175,9 @@ def reestimate_batchnorm(
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for _ in range(passes):
-                order = None if generator is None else torch.randperm(images.shape[0], generator=generator)
-                for start in range(0, images.shape[0], batch_size):
-                    rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-                    model(fast_layout(images[rows].to(device)))
+            for batch in batches:
+                model(fast_layout(batch.to(device)))
     except BaseException:
         for m, state in zip(norms, saved):
             m.load_state_dict(state)

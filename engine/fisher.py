@@ -31,7 +31,9 @@ from torch.func import functional_call, grad, vmap
 from .data import fast_layout
 from .errors import invalid_option
 from .evaluate import eval_mode
+from .losses import LossFn, cross_entropy
 from .progress import progress
+from .sources import Drawn
 
 __all__ = ["GradientSet", "per_sample_gradients", "STRATEGIES", "choose_strategy"]
 
@@ -78,16 +80,21 @@ class GradientSet:
 def per_sample_gradients(
     model: nn.Module,
     parameter_names: list[str],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: torch.Tensor | Drawn,
+    targets: torch.Tensor | None = None,
     fisher_batch: int = 1,
     chunk_size: int = 256,
-    loss: str = "cross_entropy",
+    loss: LossFn | str = "cross_entropy",
     show_progress: bool = False,
     strategy: str = "auto",
     batch_stats: bool = False,
 ) -> GradientSet:
-    """Gradient rows of ``parameter_names`` for ``inputs`` (M, ...) and ``targets`` (M,).
+    """Gradient rows of ``parameter_names`` for ``inputs`` (M, ...) and ``targets`` (M,), or for the samples
+    of a :class:`engine.sources.Drawn` passed as ``inputs`` (fetched a chunk at a time, so only a chunk of
+    samples is ever in memory besides the rows).
+
+    ``loss(outputs, targets) -> scalar`` is the mean loss of a batch (default: cross-entropy on logits); it
+    must be traceable by ``torch.func`` (any loss written with torch operations is).
 
     ``N = M // fisher_batch`` rows are returned (trailing samples that do not fill a mini-batch are
     dropped); row i is the gradient of the mean cross-entropy over samples [i·B, (i+1)·B).
@@ -105,28 +112,37 @@ def per_sample_gradients(
         raise invalid_option("fisher_batch", "per_sample_gradients()", "an integer >= 1", fisher_batch)
     if chunk_size < 1:
         raise invalid_option("chunk_size", "per_sample_gradients()", "an integer >= 1", chunk_size)
-    if loss != "cross_entropy":
-        raise invalid_option("loss", "per_sample_gradients()", "'cross_entropy'", repr(loss))
+    if loss == "cross_entropy":
+        loss = cross_entropy
+    if not callable(loss):
+        raise invalid_option("loss", "per_sample_gradients()", "a function loss(outputs, targets) -> scalar",
+                             repr(loss))
+    drawn = inputs if isinstance(inputs, Drawn) else None
+    n_samples = len(drawn) if drawn is not None else inputs.shape[0]
     if strategy not in STRATEGIES:
         raise invalid_option("strategy", "per_sample_gradients()", f"one of {', '.join(STRATEGIES)}", repr(strategy))
     params = dict(model.named_parameters())
     missing = [n for n in parameter_names if n not in params]
     if missing:
         raise invalid_option("parameter_names", "per_sample_gradients()", "names of the model's parameters", missing)
-    n_rows = inputs.shape[0] // fisher_batch
+    n_rows = n_samples // fisher_batch
     if n_rows < 1:
         raise invalid_option(
-            "inputs", "per_sample_gradients()", f"at least fisher_batch = {fisher_batch} samples", inputs.shape[0]
+            "inputs", "per_sample_gradients()", f"at least fisher_batch = {fisher_batch} samples", n_samples
         )
     buffers = dict(model.named_buffers())
     frozen = {n: p.detach() for n, p in params.items() if n not in parameter_names}
     prunable = {n: params[n].detach() for n in parameter_names}
-    x = inputs[: n_rows * fisher_batch].reshape(n_rows, fisher_batch, *inputs.shape[1:])
-    t = targets[: n_rows * fisher_batch].reshape(n_rows, fisher_batch)
+    def fetch(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows first:last as (rows, B, ...) inputs and (rows, B, ...) targets."""
+        s, e = first * fisher_batch, last * fisher_batch
+        xs, ys = drawn.rows(s, e) if drawn is not None else (inputs[s:e], targets[s:e])
+        return xs.reshape(last - first, fisher_batch, *xs.shape[1:]), ys.reshape(last - first, fisher_batch,
+                                                                                 *ys.shape[1:])
 
     def batch_loss(theta: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, ({**frozen, **theta}, buffers), (xb,))
-        return nn.functional.cross_entropy(out, yb)
+        return loss(out, yb)
 
     # grad w.r.t. theta returns (gradients, loss) with has_aux; vmap over the rows of one chunk
     def row(theta, xb, yb):
@@ -157,8 +173,9 @@ def per_sample_gradients(
                 for p in wanted:
                     p.requires_grad_(True)  # autograd.grad needs it (functional_call does not); restored below
                 for i in progress(range(n_rows), total=n_rows, desc="gradients", enabled=show_progress):
+                    xi, ti = fetch(i, i + 1)
                     with torch.enable_grad():
-                        value = nn.functional.cross_entropy(model(fast_layout(x[i])), t[i])
+                        value = loss(model(fast_layout(xi[0])), ti[0])
                         grads = torch.autograd.grad(value, wanted)
                     for n, g in zip(parameter_names, grads):
                         out[n][i] = g.reshape(-1)
@@ -168,7 +185,7 @@ def per_sample_gradients(
                 starts = range(0, n_rows, rows_per_chunk)
                 for s in progress(starts, total=len(starts), desc="gradients", enabled=show_progress):
                     e = min(n_rows, s + rows_per_chunk)
-                    grads, values = grad_fn(prunable, x[s:e], t[s:e])
+                    grads, values = grad_fn(prunable, *fetch(s, e))
                     for n in parameter_names:
                         out[n][s:e] = grads[n].reshape(e - s, -1).to(torch.float32)
                     losses[s:e] = values.detach().to(torch.float32)

@@ -41,6 +41,7 @@ __all__ = [
     "load_mlpnet",
     "load_resnet20",
     "load_state_dict_file",
+    "load_checkpoint",
     "prunable_parameters",
     "forward_chain",
 ]
@@ -349,7 +350,8 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' is not a file.")
-    raw = _read_npz(path) if path.suffix == ".npz" else _read_torch(path)
+    readers = {".npz": _read_npz, ".safetensors": _read_safetensors}
+    raw = readers.get(path.suffix, _read_torch)(path)
     return _normalise_keys(raw, path)
 
 
@@ -359,6 +361,19 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
             return {k: torch.from_numpy(np.array(archive[k])) for k in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"Checkpoint '{path}' is not a readable .npz archive of arrays: {exc}") from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"Checkpoint '{path}' is a .safetensors file, and safetensors is not installed: "
+                              "pip install 'cbs-prune[hf]'.") from None
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"Checkpoint '{path}' could not be read as safetensors ({first_line}).") from None
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -372,7 +387,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
             f"({first_line})."
         ) from exc
     if isinstance(obj, Mapping):
-        for entry in ("state_dict", "model_state_dict"):
+        for entry in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(entry), Mapping):
                 obj = obj[entry]
                 break
@@ -404,6 +419,13 @@ def _normalise_keys(raw: Mapping[str, torch.Tensor], path: Path) -> dict[str, to
             key = f"{prefix}.{rest}"
         out[key] = value
     return out
+
+
+def load_checkpoint(model: nn.Module, path: PathLike, model_name: str = "the model") -> None:
+    """Strictly load the checkpoint at ``path`` (any form :func:`load_state_dict_file` reads, always to the
+    CPU) into ``model``; a mismatch is one CheckpointError naming the missing and unexpected keys and the
+    shape mismatches."""
+    _load_into(model, path, model_name)
 
 
 def _load_into(model: nn.Module, path: PathLike, model_name: str) -> None:
@@ -489,8 +511,14 @@ def _preset_names(model: nn.Module, preset: str) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.weight is not None
     ]
-    if preset == "default" or not isinstance(model, ResNet20):
+    if preset == "default":
         return default
+    if type(model) not in (MLPNet, ResNet20):
+        raise invalid_option("preset", "prunable_parameters()", "'default' or a list of parameter names for a model "
+                             f"outside the zoo (the '{preset}' preset describes the parameters the {preset.upper()} "
+                             "paper prunes in MLPNet and ResNet20)", repr(preset))
+    if not isinstance(model, ResNet20):
+        return default  # the papers prune every layer of MLPNet
     block_convs = [
         n for n in default if n.startswith("layer") and (n.endswith(".conv1.weight") or n.endswith(".conv2.weight"))
     ]

@@ -1,47 +1,40 @@
-"""End-to-end runs on the model zoo: load, measure, prune, measure again, record.
+"""The whole pruning pipeline for any model: load → check → recommend → measure → prune (stages, BatchNorm
+re-estimation between them, the step search) → re-estimate → measure again → record → write.
 
-Used by ``cbs prune`` and by the scripts; everything here is also reachable piece by piece through
-:mod:`engine.pruner`, :mod:`engine.models`, :mod:`engine.data` and :mod:`engine.evaluate`.
+``cbs prune`` and :func:`engine.api.prune_model` are two doors to the same code: the CLI turns specs
+(``FILE.py:FUNC``, zoo names) into objects (:mod:`engine.userspec`), the API takes the objects; both build a
+:class:`Prepared` run with :func:`prepare` and execute it with :func:`execute`.
 """
 
 from __future__ import annotations
 
+import io
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from .data import augment_cifar10, dataset_for_model, default_data_dir
-from .errors import DataNotFoundError, invalid_option
-from .evaluate import evaluate, reestimate_batchnorm
-from .models import MODEL_NAMES, load_model, prunable_parameters
-from .pruner import PruneConfig, check_prune_inputs, prune
+from .config import PruneConfig
+from .data import fast_layout
+from .errors import invalid_option
+from .evaluate import eval_mode, reestimate_batchnorm_batches
+from .losses import batch_loss_sum, cross_entropy, top1_accuracy
 from .masking import make_permanent
-from .records import atomic_write_bytes, environment, write_json_atomic
+from .params import select_parameters
+from .progress import get_logger, progress
+from .pruner import check_prune_inputs, prune
+from .recommend import as_dict, describe, profile_of, recommend
+from .records import environment, to_jsonable, write_folder_atomic
+from .settings import PRUNE_OPTIONS
+from .sources import Samples, as_samples
 
-__all__ = ["PruneJob", "run_prune", "default_checkpoint", "CHECKPOINTS", "peak_memory_mb", "save_tensors", "bn_images", "stage_hook"]
+__all__ = ["Prepared", "BatchNormPlan", "prepare", "execute", "evaluate_samples", "peak_memory_mb", "stage_hook"]
 
-#: checkpoint file of each model, relative to the data folder (laid out like ../shared/data)
-CHECKPOINTS = {
-    "mlpnet": "weights/woodfisher_mlpnet_mnist_25_epoch_93.97.ckpt",
-    "resnet20": "weights/woodfisher_resnet20_cifar10.pth.tar",
-}
-
-
-#: files each model's run reads from the data folder (checked before any work starts)
-DATA_FILES = {
-    "mlpnet": [f"mnist/{split}-{kind}-idx{d}-ubyte.gz" for split in ("train", "t10k")
-               for kind, d in (("images", 3), ("labels", 1))],
-    "resnet20": ["cifar10/cifar10_train_10k.npz", "cifar10/cifar10_test.npz"],
-}
-
-
-def default_checkpoint(model: str, data_dir: str | Path) -> Path:
-    """The shared checkpoint of ``model`` inside ``data_dir``."""
-    return Path(data_dir) / CHECKPOINTS[model]
+log = get_logger(__name__)
 
 
 def peak_memory_mb() -> float:
@@ -50,157 +43,186 @@ def peak_memory_mb() -> float:
 
 
 @dataclass
-class PruneJob:
-    """A pruning run on a model of the zoo (validated on construction: nothing heavy happens before)."""
+class BatchNormPlan:
+    """BatchNorm re-estimation on ``samples`` training samples drawn with the run's seed, streamed in batches of
+    128. ``augment="crop-flip"``: two copies of each sample, each a random crop of the image padded by 4 pixels
+    of the data's own black level (the per-channel minimum of the drawn samples, so the user's normalisation
+    is respected), flipped with probability ½: how CIFAR-style networks saw their data in training."""
 
-    model: str
-    config: PruneConfig
-    data_dir: Path | None = None
-    checkpoint: Path | None = None
-    preset: str = "default"
-    bn_reestimate: bool = False
-    bn_samples: int = 10000
-    out: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    samples: int = 10000
+    augment: str = "none"
 
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise invalid_option("model", "PruneJob", f"one of {', '.join(MODEL_NAMES)}", repr(self.model))
-        self.data_dir = Path(self.data_dir) if self.data_dir is not None else default_data_dir()
-        if not self.data_dir.is_dir():
-            raise DataNotFoundError(
-                f"The data folder {self.data_dir} does not exist. Pass --data-dir (a folder laid out like ../shared/data, "
-                "with mnist/, cifar10/ and weights/ inside)."
-            )
-        self.checkpoint = Path(self.checkpoint) if self.checkpoint is not None else default_checkpoint(self.model, self.data_dir)
-        if not self.checkpoint.is_file():
-            raise DataNotFoundError(f"The checkpoint {self.checkpoint} does not exist. Pass --checkpoint PATH.")
-        needed = [self.data_dir / f for f in DATA_FILES[self.model]]
-        absent = [str(f) for f in needed if not f.is_file()]
-        if absent:
-            raise DataNotFoundError(
-                f"The data folder {self.data_dir} lacks the {self.model} data: {', '.join(absent)} not found. "
-                "Pass --data-dir (a folder laid out like ../shared/data)."
-            )
-        if self.bn_samples < 1:
-            raise invalid_option("bn_samples", "PruneJob", "an integer >= 1", self.bn_samples)
+    def reestimate(self, model: nn.Module, train: Samples, seed: int) -> int:
+        """Recompute every BatchNorm layer's statistics; the number of layers (0: none, nothing done)."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return 0
+        count = min(self.samples, len(train))
+        drawn = train.draw(count, seed, "bn_samples")
+        if self.augment == "none":
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+            batches = (drawn.source.take(drawn.index[order[s : s + 128]])[0] for s in range(0, count, 128))
+            return reestimate_batchnorm_batches(model, batches)
+        from .data import crop_flip, crop_flip_plan
 
+        black = None
+        for x, _ in drawn.batches(1000):  # the data's black level, per channel
+            low = x.transpose(0, 1).reshape(x.shape[1], -1).min(dim=1).values
+            black = low if black is None else torch.minimum(black, low)
+        copies = 2
+        plan = crop_flip_plan(count, copies=copies, seed=seed)
+        order = torch.randperm(copies * count, generator=torch.Generator().manual_seed(seed))
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``torch.save`` of a dict of tensors, written atomically (a crash leaves the old file or none)."""
-    import io
+        def batches():
+            for s in range(0, copies * count, 128):
+                rows = order[s : s + 128]
+                images = drawn.source.take(drawn.index[rows % count])[0]
+                yield crop_flip(images, plan, rows, black)
 
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+        return reestimate_batchnorm_batches(model, batches())
 
 
-def bn_images(job: PruneJob, train_x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Training images for BatchNorm re-estimation (augmented for ResNet20, whose statistics came from
-    augmented images: clean ones cost ~3 points)."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(train_x.shape[0], generator=gen)[: job.bn_samples]
-    images = train_x[idx]
-    if job.model == "resnet20":
-        images = augment_cifar10(images, copies=2, seed=seed)
-    return images
+def evaluate_samples(model: nn.Module, data: Samples, loss: Callable = cross_entropy,
+                     metric: Callable = top1_accuracy, batch: int = 100, show: bool | None = None) -> tuple[float, float]:
+    """(metric, loss) of ``model`` on ``data``, means over samples, in eval mode without gradients. The default
+    loss and metric over tensors give exactly :func:`engine.evaluate.evaluate`'s figures."""
+    if data.tensors is not None and loss is cross_entropy and metric is top1_accuracy:
+        from .evaluate import evaluate
+
+        return evaluate(model, *data.tensors, batch_size=batch)
+    total_loss, total_metric, count = 0.0, 0.0, 0
+    with eval_mode(model), torch.no_grad():
+        for x, y in progress(data.batches(batch), desc=f"evaluate ({data.name})", enabled=show):
+            out = model(fast_layout(x))
+            total_loss += batch_loss_sum(loss, out, y)
+            total_metric += float(metric(out, y)) * out.shape[0]
+            count += out.shape[0]
+    return total_metric / max(count, 1), total_loss / max(count, 1)
 
 
-def stage_hook(job: PruneJob, train_x: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-               test_every_stage: bool = True) -> tuple[Any, list[dict[str, Any]]]:
-    """The ``on_stage`` callback of :func:`engine.pruner.prune` for a job, and the list it fills.
-
-    After every stage but the last it re-estimates BatchNorm (with ``job.bn_reestimate``, on
-    :func:`bn_images` of a per-stage seed) and, with ``test_every_stage``, appends the stage's test
-    accuracy and loss to the list (one dict per stage)."""
-    log: list[dict[str, Any]] = []
+def stage_hook(bn: BatchNormPlan | None, train: Samples, test: Samples | None, seed: int, loss: Callable = cross_entropy,
+               metric: Callable = top1_accuracy, test_every_stage: bool = True) -> tuple[Callable, list[dict]]:
+    """The ``on_stage`` callback of :func:`engine.pruner.prune` and the list it fills: after every stage but the
+    last it re-estimates BatchNorm (with ``bn``, on a per-stage seed) and, with ``test_every_stage``, appends
+    the stage's test metric and loss."""
+    log_: list[dict[str, Any]] = []
 
     def on_stage(stage, staged_model) -> None:
-        if job.bn_reestimate:
-            reestimate_batchnorm(staged_model, bn_images(job, train_x, job.config.seed + stage.stage),
-                                 seed=job.config.seed)
+        if bn is not None:
+            bn.reestimate(staged_model, train, seed + stage.stage)
         entry: dict[str, Any] = {"stage": stage.stage, "sparsity": stage.sparsity, "step": stage.step}
-        if test_every_stage:
-            entry["accuracy"], entry["test_loss"] = evaluate(staged_model, test_x, test_y)
-        log.append(entry)
+        if test_every_stage and test is not None:
+            entry["accuracy"], entry["test_loss"] = evaluate_samples(staged_model, test, loss, metric)
+        log_.append(entry)
 
-    return on_stage, log
+    return on_stage, log_
 
 
-def run_prune(job: PruneJob, model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Load the model (unless the caller already loaded ``job.checkpoint`` into ``model``) and the data,
-    prune, evaluate before/after, write ``job.out/record.json`` (and ``mask.pt``, ``model.pt``); return
-    the record.
+@dataclass
+class Prepared:
+    """A checked run, ready to execute: nothing heavy has happened yet."""
 
-    ``mask.pt``: {parameter name: 0/1 bool tensor of the parameter's shape}, the mask the pruner chose
-    (``cbs train --mask FILE`` reads it). ``model.pt``: the pruned model's plain state_dict (masks folded
-    in, so it loads into the unpruned model class). With several stages and ``bn_reestimate``, BatchNorm
-    statistics are re-estimated after every stage too, so the next stage's gradients see them."""
+    model: nn.Module
+    names: list[str]
+    transposed: frozenset[str]
+    train: Samples
+    test: Samples | None
+    config: PruneConfig
+    bn: BatchNormPlan | None
+    loss: Callable = cross_entropy
+    metric: Callable = top1_accuracy
+    describe: dict[str, Any] = field(default_factory=dict)  # what the record says about the inputs
+    chosen: str = ""  # the recommendation in flag form (what cbs prune says on stderr)
+
+
+def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, settings: dict[str, Any] | None = None,
+            params: str | list[str] | None = None, loss: Callable = cross_entropy, metric: Callable = top1_accuracy,
+            bn_reestimate: bool | None = None, bn_samples: int = 10000, bn_augment: str | None = None,
+            describe_inputs: dict[str, Any] | None = None) -> Prepared:
+    """Check everything and settle the settings: the recommendation for this model and data (:mod:`engine.
+    recommend`), then ``settings`` (the user's PruneConfig keywords) over it. Raises a clear error on any bad
+    input before any work."""
+    settings = dict(settings or {})
+    unknown = [k for k in settings if k not in {o.name for o in PRUNE_OPTIONS}]
+    if unknown:
+        raise invalid_option(unknown[0], "prune_model()", "a PruneConfig setting "
+                             f"({', '.join(o.name for o in PRUNE_OPTIONS[:6])}, ...)", repr(settings[unknown[0]]))
+    train, test = as_samples(train, "train"), None if test is None else as_samples(test, "test")
+    if isinstance(params, (list, tuple)):
+        names, transposed = list(params), select_parameters(model)[1]
+    else:
+        names, transposed = select_parameters(model, params)
+    x, _ = train.first()
+    profile = profile_of(model, names, len(train), x.ndim)
+    rec = recommend(profile, sparsity, settings.get("method"))
+    rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
+    if bn_reestimate is None:
+        bn_reestimate = rec_bn
+    if not bn_reestimate and "step_search_bn" not in settings:
+        rec["step_search_bn"] = False
+    config = PruneConfig(sparsity=sparsity, **{**rec, **settings})
+    check_prune_inputs(model, names, len(train), config, transposed)
+    bn = BatchNormPlan(bn_samples, bn_augment or rec_augment) if bn_reestimate else None
+    chosen = describe({**config.to_dict(), "bn_reestimate": bool(bn_reestimate)})
+    info = {**(describe_inputs or {}), "profile": as_dict(profile), "parameters": names,
+            "transposed_parameters": sorted(transposed),
+            "bn_reestimate": bool(bn_reestimate), "bn_augment": None if bn is None else bn.augment,
+            "bn_samples": None if bn is None else min(bn_samples, len(train))}
+    return Prepared(model, names, frozenset(transposed), train, test, config, bn, loss, metric, info, chosen)
+
+
+def execute(run: Prepared, out: str | None = None, cache: dict | None = None) -> dict[str, Any]:
+    """Measure, prune, re-estimate, measure again; the record (also written with ``mask.pt`` and ``model.pt``
+    into ``out`` as one transaction when given)."""
     started = time.time()
-    if model is None:
-        model = load_model(job.model, job.checkpoint)
-    names = [n for n, _ in prunable_parameters(model, job.preset)]
-    train_x, train_y = dataset_for_model(job.model, job.data_dir, "train")
-    test_x, test_y = dataset_for_model(job.model, job.data_dir, "test")
-    check_prune_inputs(model, names, int(train_x.shape[0]), job.config)  # bad settings: fail before any work
-    dense_acc, dense_loss = evaluate(model, test_x, test_y)
-    on_stage, stage_log = stage_hook(job, train_x, test_x, test_y)
-    report = prune(model, names, train_x, train_y, job.config, on_stage=on_stage if job.config.stages > 1 else None)
-    acc, loss = evaluate(model, test_x, test_y)
-    record: dict[str, Any] = {
-        "model": job.model,
-        "checkpoint": str(job.checkpoint),
-        "data_dir": str(job.data_dir),
-        "preset": job.preset,
-        "method": job.config.method_name,
-        "update": job.config.applies_update,
-        "sparsity": job.config.sparsity,
-        "achieved_sparsity": report.achieved_sparsity,
-        "dense_accuracy": dense_acc,
-        "dense_test_loss": dense_loss,
-        "accuracy": acc,
-        "test_loss": loss,
-        "fisher_seconds": report.fisher_seconds,
-        "prune_seconds": report.prune_seconds,
-        "select_seconds": report.select_seconds,
-        "update_seconds": report.update_seconds,
-        "seed": job.config.seed,
-        "settings": job.config.to_dict(),
-    }
-    if job.bn_reestimate:
-        images = bn_images(job, train_x, job.config.seed)
-        reestimate_batchnorm(model, images, seed=job.config.seed)
-        record["accuracy_no_bn_reestimate"] = acc
-        record["test_loss_no_bn_reestimate"] = loss
-        record["accuracy"], record["test_loss"] = evaluate(model, test_x, test_y)
-        record["bn_reestimate_samples"] = int(min(job.bn_samples, train_x.shape[0]))
-    record.update(
-        {
-            "n_total": report.n_total,
-            "n_keep": report.n_keep,
-            "objective_total": float(sum(b.objective for b in report.blocks)),
-            "blocks": [b.__dict__ for b in report.blocks],
-            "stages": [{**st.__dict__, **(stage_log[i] if i < len(stage_log) else {})}
-                       for i, st in enumerate(report.stages)],
-            "peak_memory_mb": peak_memory_mb(),
-            "total_seconds": time.time() - started,
-            "environment": environment(),
-            **job.extra,
-        }
-    )
-    if job.out is not None:
-        out = Path(job.out)
-        save_tensors(out / "mask.pt", {n: m for n, m in report.masks.items()})
-        plain = _folded_state_dict(model)
-        save_tensors(out / "model.pt", plain)
-        record["files"] = {"mask": str(out / "mask.pt"), "model": str(out / "model.pt")}
-        write_json_atomic(out / "record.json", record)
+    config, show = run.config, run.config.progress
+    dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
+    on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric)
+    report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
+                   on_stage=on_stage if config.stages > 1 else None, cache=cache)
+    record: dict[str, Any] = {**run.describe, "method": config.method_name, "update": config.applies_update,
+                              "sparsity": config.sparsity, "achieved_sparsity": report.achieved_sparsity,
+                              "recommendation": run.chosen}
+    after = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
+    if run.bn is not None:
+        run.bn.reestimate(run.model, run.train, config.seed)
+        if after is not None:
+            record["accuracy_no_bn_reestimate"], record["test_loss_no_bn_reestimate"] = after
+            after = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show)
+    if dense is not None:
+        record["dense_accuracy"], record["dense_test_loss"] = dense
+        record["accuracy"], record["test_loss"] = after
+    objectives = [b.objective for b in report.blocks]
+    record.update({
+        "fisher_seconds": report.fisher_seconds, "prune_seconds": report.prune_seconds,
+        "select_seconds": report.select_seconds, "update_seconds": report.update_seconds,
+        "seed": config.seed, "settings": config.to_dict(),
+        "n_total": report.n_total, "n_keep": report.n_keep,
+        "objective_total": None if None in objectives else float(sum(objectives)),
+        "blocks": [b.__dict__ for b in report.blocks],
+        "stages": [{**st.__dict__, **(stage_log[i] if i < len(stage_log) else {})}
+                   for i, st in enumerate(report.stages)],
+        "peak_memory_mb": peak_memory_mb(), "total_seconds": time.time() - started, "environment": environment(),
+        "command": sys.argv[:],
+    })
+    if out is not None:
+        import json
+
+        record["files"] = {"mask": "mask.pt", "model": "model.pt", "record": "record.json"}
+        plain = _folded_state_dict(run.model)
+        write_folder_atomic(out, {"mask.pt": _tensor_bytes(report.masks), "model.pt": _tensor_bytes(plain),
+                                  "record.json": (json.dumps(to_jsonable(record), indent=2) + "\n").encode()})
     return record
 
 
-def _folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with pruning masks folded in (keys of the plain, unpruned model class),
-    without touching ``model`` itself."""
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
+    return buf.getvalue()
+
+
+def _folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with pruning masks folded in (keys of the plain, unpruned model class), without
+    touching ``model`` itself."""
     import copy
 
     plain = copy.deepcopy(model)

@@ -2,7 +2,7 @@
 
 It shows the three ways to plug a solver into cbs:
 
-1. pass an instance:        prune(model, names, x, y, PruneConfig(sparsity=0.9, method=OBDSolver()))
+1. pass an instance:        prune(model, names, (x, y), PruneConfig(sparsity=0.9, method=OBDSolver()))
 2. register it by name:     importing this module runs @register_solver("obd"); then method="obd"
 3. an entry point:          in your package's pyproject.toml
                                 [project.entry-points."cbs.solvers"]
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = load_digits("train")
     xt, yt = load_digits("test")
     names = [n for n, _ in prunable_parameters(model)]
-    prune(model, names, x, y, PruneConfig(sparsity=0.7, method="obd", fisher_samples=500, progress=False))
+    prune(model, names, (x, y), PruneConfig(sparsity=0.7, method="obd", fisher_samples=500, progress=False))
     print(f"digits MLP pruned to 70 % with 'obd' + CBS-U update: {evaluate(model, xt, yt)[0]:.2f} % test accuracy")
     return 0
 

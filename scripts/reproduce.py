@@ -53,18 +53,32 @@ import torch
 
 from engine.cli import POSITIVE_INT, parse_value
 from engine.data import dataset_for_model, default_data_dir
-from engine.defaults import recommended
+from engine.recommend import recommended
 from engine.errors import CBSError
-from engine.evaluate import evaluate, reestimate_batchnorm
-from engine.memory import retain_freed_memory
+from engine.evaluate import evaluate
 from engine.models import PRUNABLE_PRESETS, load_model, prunable_parameters
-from engine.pipeline import CHECKPOINTS, PruneJob, bn_images, peak_memory_mb, stage_hook
+from engine.pipeline import BatchNormPlan, peak_memory_mb, stage_hook
+from engine.sources import Samples
+from engine.userspec import ZOO
 from engine.plots import accuracy_plot
 from engine.progress import progress
 from engine.pruner import PruneConfig, prune
 from engine.published import PUBLISHED
 from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl
 
+
+def _load_sibling(name: str):
+    """A module of this folder (scripts are run as files, and the tests load them by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+retain_freed_memory = _load_sibling("memory_policy").retain_freed_memory
+CHECKPOINTS = {name: entry[1] for name, entry in ZOO.items()}
 
 SPARSITIES = {"mlpnet": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "resnet20": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 
@@ -78,7 +92,7 @@ PRESET = {"mlpnet": "default", "resnet20": "cbs"}
 
 #: label -> (settings over BASE, or a function of the sparsity giving them; seeds it is run with:
 #: "all" = every --seeds, else the first only). "multi-stage" is what `cbs prune` runs when no method is
-#: named (engine.defaults.recommended). iht and swap get a 60 s limit per block so that a sweep stays bounded.
+#: named (engine.recommend.recommended). iht and swap get a 60 s limit per block so that a sweep stays bounded.
 CONFIGS: dict[str, dict[str, tuple[Any, str]]] = {
     model: {
         "magnitude": (dict(method="magnitude", update=False), "one"),
@@ -176,12 +190,12 @@ class _Sweep:
                  preset: str | None = None) -> None:
         self.model_name, self.overrides = model_name, overrides
         self.preset = preset or PRESET[model_name]
-        self.job = PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=Path(data_dir),
-                            bn_reestimate=model_name == "resnet20", bn_samples=bn_samples)
+        self.bn = BatchNormPlan(bn_samples, "crop-flip") if model_name == "resnet20" else None
         self.base_model = load_model(model_name, Path(data_dir) / CHECKPOINTS[model_name])
         self.names = [n for n, _ in prunable_parameters(self.base_model, self.preset)]
         self.train_x, self.train_y = dataset_for_model(model_name, data_dir, "train")
         self.test_x, self.test_y = dataset_for_model(model_name, data_dir, "test")
+        self.train, self.test = Samples((self.train_x, self.train_y)), Samples((self.test_x, self.test_y), "test")
         self.dense_acc, _ = evaluate(self.base_model, self.test_x, self.test_y)
         self.caches: dict[int, dict] = {}
 
@@ -189,9 +203,7 @@ class _Sweep:
         """Prune a copy of the dense model with the run's settings; its record (accuracy, times, memory)."""
         config = run_config(self.model_name, label, s, seed, self.overrides)
         model = copy.deepcopy(self.base_model)
-        job = self.job
-        job.config = config  # the per-stage BatchNorm seed of stage_hook is the run's seed
-        on_stage, stage_log = stage_hook(job, self.train_x, self.test_x, self.test_y,
+        on_stage, stage_log = stage_hook(self.bn, self.train, self.test, seed,
                                          test_every_stage=self.model_name == "mlpnet")
         cache = None
         if config.stages == 1:
@@ -199,7 +211,7 @@ class _Sweep:
                 del self.caches[other]
             cache = self.caches.setdefault(seed, {})
         started = time.perf_counter()
-        report = prune(model, self.names, self.train_x, self.train_y, config, cache=cache,
+        report = prune(model, self.names, self.train, config, cache=cache,
                        on_stage=on_stage if config.stages > 1 else None)
         run_seconds = time.perf_counter() - started
         acc, loss = evaluate(model, self.test_x, self.test_y)
@@ -216,8 +228,8 @@ class _Sweep:
             "preset": self.preset,
             "peak_memory_mb": peak_memory_mb(),
         }
-        if job.bn_reestimate:
-            reestimate_batchnorm(model, bn_images(job, self.train_x, seed), seed=seed)
+        if self.bn is not None:
+            self.bn.reestimate(model, self.train, seed)
             rec["accuracy_no_bn_reestimate"] = acc
             rec["accuracy"], rec["test_loss"] = evaluate(model, self.test_x, self.test_y)
         return rec
@@ -349,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CBSError, TypeError) as exc:
         ap.error(f"argument --set: {exc}")
     data_dir = args.data_dir or default_data_dir()
-    # validates the data folder before any work; ResNet20's BatchNorm re-estimation uses --bn-samples
+    # the data folder is checked before any work; ResNet20's BatchNorm re-estimation uses --bn-samples
     # training images (x2 augmented copies), after every stage and at the end
-    PruneJob(model=model_name, config=PruneConfig(sparsity=0.5), data_dir=data_dir,
-             bn_reestimate=model_name == "resnet20", bn_samples=args.bn_samples)
+    for path in [Path(data_dir) / CHECKPOINTS[model_name]]:
+        if not path.is_file():
+            ap.error(f"argument --data-dir: {path} not found (a folder laid out like ../shared/data is needed)")
     out = args.out / model_name
     records = out / "records.jsonl"
     done = {_key(r): r for r in read_jsonl(records)} if records.exists() else {}

@@ -44,7 +44,7 @@ def cbs_mask(model_name: str, sparsity: float, data_dir, cache: Path, settings: 
     x, y = dataset_for_model(model_name, data_dir, "train")
     names = [n for n, _ in prunable_parameters(model, settings.pop("preset"))]
     t0 = time.perf_counter()
-    report = prune(model, names, x, y, PruneConfig(sparsity=sparsity, progress=False, **settings))
+    report = prune(model, names, (x, y), PruneConfig(sparsity=sparsity, progress=False, **settings))
     masks = {k: v.cpu().bool() for k, v in report.masks.items()}
     buf = io.BytesIO()
     torch.save(masks, buf)

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-``shared_data``: the shared data directory (``$CBS_DATA_DIR`` or ``../shared/data`` next to the
-project root, see ``engine.data.default_data_dir``). Tests that need the real data sets or
+``shared_data``: the shared data directory (``$CBS_DATA_DIR``, else ``../shared/data`` next to the project
+root: the tests pin it so that a test that changes the working directory still finds it). Tests that need the real data sets or
 checkpoints take this fixture and are skipped, with the reason, when the directory is absent.
 """
 
@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.data import DATA_DIR_ENV, default_data_dir
-from engine.memory import RETAIN_ENV
 
-# the CLI entry points called in-process must not switch the test process's allocator
-# (engine.memory); tests/test_memory.py checks the policy in subprocesses
-os.environ[RETAIN_ENV] = "0"
+os.environ.setdefault(DATA_DIR_ENV, str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

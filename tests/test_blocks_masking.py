@@ -20,7 +20,7 @@ def test_block_modes_cover_every_weight_once():
         blocks = make_blocks(NAMES, SHAPES, mode, size)
         seen = {n: np.zeros(int(np.prod(s)), int) for n, s in zip(NAMES, SHAPES)}
         for b in blocks:
-            for name, start, stop in b.segments:
+            for name, start, stop, _ in b.segments:
                 seen[name][start:stop] += 1
         assert all((v == 1).all() for v in seen.values()), mode
     assert len(make_blocks(NAMES, SHAPES, "row")) == 4 + 3

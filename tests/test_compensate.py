@@ -72,8 +72,8 @@ def test_compensating_parameters_take_the_damped_newton_step_and_leave_the_selec
     comp = compensating_parameters(base, names, "rest")
     assert comp and not set(comp) & set(names)
     plain, moved = copy.deepcopy(base), copy.deepcopy(base)
-    prune(plain, names, x, y, _config())
-    report = prune(moved, names, x, y, _config(compensate="rest"))
+    prune(plain, names, (x, y), _config())
+    report = prune(moved, names, (x, y), _config(compensate="rest"))
     assert tuple(report.config["compensate"]) == comp
     p_plain, p_moved = dict(plain.named_parameters()), dict(moved.named_parameters())
     state_plain, state_moved = plain.state_dict(), moved.state_dict()
@@ -97,7 +97,7 @@ def test_compensating_parameters_move_with_the_step_search_and_over_stages(train
     model = copy.deepcopy(base)
     config = _config(compensate=("1.bias", "2.weight"), step_search=True, loss_samples=200, stages=3, schedule="poly", sparsity=0.8)
     comp = compensating_parameters(base, names, config.compensate)
-    report = prune(model, names, x, y, config)
+    report = prune(model, names, (x, y), config)
     assert report.achieved_sparsity == pytest.approx(0.8, abs=1e-3)
     before = dict(base.named_parameters())
     after = dict(model.named_parameters())
@@ -150,7 +150,7 @@ def test_couple_mean_is_the_joint_newton_step_of_blockdiag_covariance_plus_the_m
     names = _names(base)
     config = _config(couple_mean=True, compensate=comp, block_mode=mode)
     model = copy.deepcopy(base)
-    prune(model, names, x, y, config)
+    prune(model, names, (x, y), config)
     every = names + list(comp)
     G = _rows(copy.deepcopy(base), every, x, y, config)
     m = G.mean(0)
@@ -179,20 +179,22 @@ def test_couple_mean_is_the_joint_newton_step_of_blockdiag_covariance_plus_the_m
     np.testing.assert_allclose(got[S], (w + d)[S], rtol=2e-4, atol=2e-6)
 
 
-def test_cli_flags_set_compensate_and_couple_mean_and_describe_shows_them():
+def test_cli_params_set_compensate_and_couple_mean_and_describe_shows_them():
     from engine.cli import build_parser, prune_settings
-    from engine.defaults import describe
+    from engine.recommend import describe, recommended
 
     base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--compensate", "rest", "--couple-mean"]))
+    rec = recommended("resnet20", 0.8)
+    settings = prune_settings(build_parser().parse_args(base + ["--param", "compensate=rest", "--param",
+                                                                "couple_mean=true"]))
     assert settings["compensate"] == "rest" and settings["couple_mean"] is True
-    assert "--couple-mean --compensate rest" in describe(settings)
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--newton-step-only"]))
-    assert settings["newton_step_only"] is True and "--newton-step-only" in describe(settings)
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--compensate", "fc.bias,bn1.weight"]))
+    assert "--param couple_mean=true --param compensate=rest" in describe({**rec, **settings})
+    settings = prune_settings(build_parser().parse_args(base + ["--param", "newton_step_only=true"]))
+    assert settings["newton_step_only"] is True and "--param newton_step_only=true" in describe({**rec, **settings})
+    settings = prune_settings(build_parser().parse_args(base + ["--param", "compensate=fc.bias,bn1.weight"]))
     assert settings["compensate"] == ("fc.bias", "bn1.weight") and "couple_mean" not in settings
-    assert "--compensate fc.bias,bn1.weight" in describe(settings)
-    PruneConfig(sparsity=0.8, **settings)  # the recommendation has the first-order term, so this is a valid config
+    assert "--param compensate=fc.bias,bn1.weight" in describe({**rec, **settings})
+    PruneConfig(sparsity=0.8, **{**rec, **settings})  # the recommendation has the first-order term: valid
 
 
 def _kept_values(model, names):
@@ -210,7 +212,7 @@ def test_newton_step_only_scales_the_gradient_part_and_keeps_the_removals_compen
     for key, kw in {"v0": dict(first_order=False), "vg": dict(),
                     "tau": dict(step_search=True, loss_samples=300, newton_step_only=True)}.items():
         model = copy.deepcopy(base)
-        report = prune(model, names, x, y, _config(**kw))
+        report = prune(model, names, (x, y), _config(**kw))
         runs[key] = (_kept_values(model, names), report.stages[-1].step)
     (v0, _), (vg, _), (got, tau) = runs["v0"], runs["vg"], runs["tau"]
     assert not np.allclose(v0, vg)
@@ -228,8 +230,8 @@ def test_a_sweep_cache_never_hands_centred_blocks_to_a_run_without_couple_mean(t
     cache: dict = {}
     for flag in (True, False):
         cached, fresh = copy.deepcopy(base), copy.deepcopy(base)
-        prune(cached, names, x, y, _config(couple_mean=flag), cache=cache)
-        prune(fresh, names, x, y, _config(couple_mean=flag))
+        prune(cached, names, (x, y), _config(couple_mean=flag), cache=cache)
+        prune(fresh, names, (x, y), _config(couple_mean=flag))
         np.testing.assert_array_equal(_kept_values(cached, names), _kept_values(fresh, names))
 
 
@@ -307,8 +309,8 @@ def test_block_steps_scale_each_blocks_update_by_its_recorded_step(trained):
     names = _names(base)
     comp = ("1.bias", "4.bias")
     plain, scaled = copy.deepcopy(base), copy.deepcopy(base)
-    prune(plain, names, x, y, _config(compensate=comp))
-    report = prune(scaled, names, x, y, _config(compensate=comp, block_steps=True))
+    prune(plain, names, (x, y), _config(compensate=comp))
+    report = prune(scaled, names, (x, y), _config(compensate=comp, block_steps=True))
     taus = report.stages[0].block_steps
     assert len(taus) == 4 and not np.allclose(taus, 1.0)
     every = names + list(comp)
@@ -351,15 +353,15 @@ def test_bad_block_steps_settings_are_rejected_on_construction(kw, argument):
         _config(**{"block_steps": True, **kw})
 
 
-def test_cli_flag_sets_block_steps_and_describe_shows_it():
+def test_cli_param_sets_block_steps_and_describe_shows_it():
     from engine.cli import build_parser, prune_settings
-    from engine.defaults import describe
+    from engine.recommend import describe, recommended
 
     base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--block-steps"]))
-    assert settings["block_steps"] is True and "--block-steps" in describe(settings)
-    settings, _ = prune_settings(build_parser().parse_args(base))
-    assert "block_steps" not in settings
+    settings = prune_settings(build_parser().parse_args(base + ["--param", "block_steps=true"]))
+    assert settings["block_steps"] is True
+    assert "--param block_steps=true" in describe({**recommended("resnet20", 0.8), **settings})
+    assert "block_steps" not in prune_settings(build_parser().parse_args(base))
 
 
 def test_the_joint_model_functions_reject_mismatched_blocks_with_one_message_each():

@@ -229,7 +229,10 @@ def test_corrupt_mnist_file(tmp_path: Path) -> None:
 
 def test_default_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    assert data.default_data_dir() == PROJECT_ROOT.parent / "shared" / "data"
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)  # ./../shared/data of the working directory, never of the install location
+    assert data.default_data_dir() == tmp_path / "shared" / "data"
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     assert data.default_data_dir() == tmp_path
 

@@ -17,7 +17,8 @@ from engine.errors import InvalidOptionError
 from engine.fisher import per_sample_gradients
 from engine.models import prunable_parameters
 from engine.options import SolveOptions
-from engine.pruner import STEPS, PruneConfig, _mean_loss, prune, search_steps
+from engine.losses import STEPS, mean_loss, search_steps
+from engine.pruner import PruneConfig, prune
 from engine.result import SolveResult
 from engine.solve import solve_block
 from engine.solvers.base import Capabilities, SubsetSolver
@@ -142,7 +143,7 @@ def test_multistage_keeps_pruned_weights_pruned_and_reaches_the_target(trained):
 
     config = PruneConfig(sparsity=0.8, method="magnitude", update=True, fisher_samples=200, block_mode="layer",
                          stages=3, schedule="linear")
-    report = prune(model, names, x, y, config, on_stage=on_stage)
+    report = prune(model, names, (x, y), config, on_stage=on_stage)
     assert [s.sparsity for s in report.stages] == pytest.approx([0.8 / 3, 1.6 / 3, 0.8])
     assert [s.n_keep for s in report.stages] == sorted((s.n_keep for s in report.stages), reverse=True)
     assert report.n_keep == round(0.2 * report.n_total)
@@ -165,7 +166,7 @@ def test_multistage_row_blocks_survive_a_block_pruned_to_nothing(trained):
     seen = []
     config = PruneConfig(sparsity=0.8, method="magnitude", update=True, fisher_samples=100, block_mode="row",
                          stages=3, schedule="linear", first_order=True)
-    report = prune(model, names, x, y, config,
+    report = prune(model, names, (x, y), config,
                    on_stage=lambda stage, staged: seen.append(int((dict(staged.named_parameters())[names[0]][0] != 0).sum())))
     assert seen[0] == 0  # the row is dead after stage 1, so stages 2 and 3 ran with an empty block
     assert not torch.any(report.masks[names[0]][0])
@@ -194,7 +195,7 @@ def test_multistage_failure_restores_the_model(trained):
             return SolveResult(support=np.argsort(-np.abs(problem.weights))[: problem.n_keep])
 
     with pytest.raises(RuntimeError, match="boom"):
-        prune(model, names, x, y, PruneConfig(sparsity=0.7, method=FailsSecond(), update=True, fisher_samples=100,
+        prune(model, names, (x, y), PruneConfig(sparsity=0.7, method=FailsSecond(), update=True, fisher_samples=100,
                                               block_mode="whole", stages=2))
     after = model.state_dict()
     assert set(after) == set(before)
@@ -222,7 +223,7 @@ def test_first_order_term_is_the_mean_gradient(trained):
         model = copy.deepcopy(base)
         config = PruneConfig(sparsity=0.5, method=Record(), update=True, fisher_samples=50, fisher_batch=batch,
                              block_mode="whole", first_order=True, seed=3)
-        prune(model, names, x, y, config)
+        prune(model, names, (x, y), config)
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3))[: 50 * batch]
         ref_model = copy.deepcopy(base)
         loss = torch.nn.functional.cross_entropy(ref_model(x[idx]), y[idx])
@@ -244,12 +245,12 @@ def test_loss_samples_are_in_the_fisher_draw_or_disjoint_from_it_with_holdout(tr
         capabilities = Capabilities()
 
         def solve(self, problem, options, warm_start=None):
-            seen.append(options.evaluate.inputs.clone())
+            seen.append(options.evaluate.prefix.inputs.clone())
             return SolveResult(support=np.argsort(-np.abs(problem.weights))[: problem.n_keep])
 
     config = PruneConfig(sparsity=0.5, method=Record(), update=True, fisher_samples=30, fisher_batch=2,
                          block_mode="whole", loss_samples=40, holdout_loss=holdout, seed=5)
-    prune(copy.deepcopy(base), _names(base), x, y, config)
+    prune(copy.deepcopy(base), _names(base), (x, y), config)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5))
     fisher_rows = {tuple(r.tolist()) for r in x[perm[:60]]}
     loss_rows = [tuple(r.tolist()) for r in seen[0]]
@@ -266,10 +267,10 @@ def test_holdout_loss_needs_loss_samples_that_fit_beside_the_fisher_samples(trai
     base, x, y = trained
     with pytest.raises(InvalidOptionError, match="'loss_samples'.*>= 1 when holdout_loss is on.*Got None"):
         PruneConfig(sparsity=0.5, holdout_loss=True)
-    config = PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=x.shape[0] - 10, loss_samples=11,
+    config = PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=x.shape[0] - 10, loss_samples=11,
                          holdout_loss=True)
     with pytest.raises(InvalidOptionError, match=f"at most the 10 training samples left after the {x.shape[0] - 10}"):
-        prune(copy.deepcopy(base), _names(base), x, y, config)
+        prune(copy.deepcopy(base), _names(base), (x, y), config)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -309,7 +310,7 @@ def test_step_search_never_raises_the_training_loss(trained):
     names = _names(model)
     config = PruneConfig(sparsity=0.6, method="magnitude", update=True, fisher_samples=200, block_mode="whole",
                          first_order=True, step_search=True, damping=1e-4, seed=2)
-    report = prune(model, names, x, y, config)
+    report = prune(model, names, (x, y), config)
     (stage,) = report.stages
     assert stage.step in STEPS
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))[:200]
@@ -319,8 +320,8 @@ def test_step_search_never_raises_the_training_loss(trained):
         for n in names:
             p = dict(masked.named_parameters())[n]
             p.mul_(report.masks[n].to(p.dtype))
-    assert stage.train_loss <= _mean_loss(masked, x[idx], y[idx]) + 1e-9
-    assert _mean_loss(model, x[idx], y[idx]) == pytest.approx(stage.train_loss, rel=1e-5)
+    assert stage.train_loss <= mean_loss(masked, x[idx], y[idx]) + 1e-9
+    assert mean_loss(model, x[idx], y[idx]) == pytest.approx(stage.train_loss, rel=1e-5)
 
 
 def test_batch_stats_loss_uses_batch_statistics_and_leaves_running_ones_alone():
@@ -334,7 +335,7 @@ def test_batch_stats_loss_uses_batch_statistics_and_leaves_running_ones_alone():
         bn.running_var.fill_(0.1)
     x, y = torch.randn(50, 3, 8, 8), torch.randint(0, 5, (50,))
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    got = _mean_loss(net, x, y, batch=20, batch_stats=True)
+    got = mean_loss(net, x, y, batch=20, batch_stats=True)
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not net.training and not bn.training
@@ -344,7 +345,7 @@ def test_batch_stats_loss_uses_batch_statistics_and_leaves_running_ones_alone():
         ref = sum(float(torch.nn.functional.cross_entropy(ref_net(x[s:s + 20]), y[s:s + 20], reduction="sum"))
                   for s in range(0, 50, 20)) / 50
     assert got == pytest.approx(ref, rel=1e-6)
-    assert abs(got - _mean_loss(net, x, y, batch=20)) > 1e-3
+    assert abs(got - mean_loss(net, x, y, batch=20)) > 1e-3
 
 
 def test_step_search_bn_is_inert_without_batchnorm(trained):
@@ -355,7 +356,7 @@ def test_step_search_bn_is_inert_without_batchnorm(trained):
         model = copy.deepcopy(base)
         config = PruneConfig(sparsity=0.6, method="magnitude", update=True, fisher_samples=200, block_mode="whole",
                              first_order=True, step_search=True, step_search_bn=flag, damping=1e-4, seed=2)
-        out.append(prune(model, names, x, y, config).stages[0])
+        out.append(prune(model, names, (x, y), config).stages[0])
     assert out[0].step == out[1].step and out[0].train_loss == out[1].train_loss
 
 
@@ -366,7 +367,7 @@ def test_workers_give_the_same_masks(trained):
     for workers in (1, 2):
         model = copy.deepcopy(base)
         config = PruneConfig(sparsity=0.7, method="swap", fisher_samples=200, block_mode="layer", workers=workers)
-        out.append(prune(model, names, x, y, config))
+        out.append(prune(model, names, (x, y), config))
     for n in names:
         assert torch.equal(out[0].masks[n], out[1].masks[n])
     assert [b.objective for b in out[0].blocks] == pytest.approx([b.objective for b in out[1].blocks], rel=1e-9)
@@ -398,7 +399,7 @@ def test_cli_rejects_bad_multistage_flags(tmp_path, capsys, argv, match):
 
 def test_cli_rejects_batch_statistics_of_single_sample_rows(tmp_path, capsys):
     code = main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--out", str(tmp_path), "--method", "magnitude",
-                 "--fisher-bn-batch-stats"])
+                 "--param", "fisher_bn_batch_stats=true"])
     assert code == 2
     assert ("'fisher_batch' argument of prune() must be an integer >= 2 when fisher_bn_batch_stats is on. Got 1."
             in capsys.readouterr().err)
@@ -479,7 +480,7 @@ def test_prune_with_loss_curve_allocation(trained):
     base, x, y = trained
     model = copy.deepcopy(base)
     names = _names(model)
-    report = prune(model, names, x, y, PruneConfig(sparsity=0.75, method="woodfisher", fisher_samples=200,
+    report = prune(model, names, (x, y), PruneConfig(sparsity=0.75, method="woodfisher", fisher_samples=200,
                                                    block_mode="layer", allocation="loss_curve"))
     assert report.n_keep == round(0.25 * report.n_total)
     assert report.stages[0].extra["allocation"] == "loss_curve"
@@ -492,13 +493,13 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
     reports = []
     for _ in range(2):
         model = copy.deepcopy(base)
-        reports.append(prune(model, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
+        reports.append(prune(model, names, (x, y), PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                              block_mode="layer", allocation="obs"), cache=cache))
     problem_keys = [k for k in cache if k[0] != "update"]
     assert len(problem_keys) == 1 and len(cache) == 2  # the problems, and the update of the one mask
-    blocks, positions, problems, _, _ = cache[problem_keys[0]]
-    assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._cache if isinstance(k, tuple)) for p in problems)
-    fresh = prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
+    blocks, positions, problems, _ = cache[problem_keys[0]]
+    assert all(any(k[0] == "hessian_inverse_diagonal" for k in p._derived if isinstance(k, tuple)) for p in problems)
+    fresh = prune(copy.deepcopy(base), names, (x, y), PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150,
                                                                 block_mode="layer", allocation="obs"))
     for n in names:
         assert torch.equal(reports[1].masks[n], fresh.masks[n])
@@ -506,7 +507,7 @@ def test_cache_reuses_stage_zero_problems_and_gives_the_same_result(trained):
     other = copy.deepcopy(base)
     with torch.no_grad():
         next(other.parameters()).mul_(0.5)
-    prune(other, names, x, y, PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150, block_mode="layer",
+    prune(other, names, (x, y), PruneConfig(sparsity=0.6, method="woodfisher", fisher_samples=150, block_mode="layer",
                                           allocation="obs"), cache=cache)
     assert len([k for k in cache if k[0] != "update"]) == 2
 
@@ -517,14 +518,14 @@ def test_cache_reuses_the_update_of_the_same_supports(trained):
     base, x, y = trained
     names = _names(base)
     cache = {}
-    settings = dict(sparsity=0.7, method="magnitude", fisher_samples=150, block_mode="layer")
-    prune(copy.deepcopy(base), names, x, y, PruneConfig(update=False, **settings), cache=cache)
+    settings = dict(sparsity=0.7, method="magnitude", fisher_samples=150, block_mode="layer", certify=True)
+    prune(copy.deepcopy(base), names, (x, y), PruneConfig(update=False, **settings), cache=cache)
     assert sum(k[0] == "update" for k in cache) == 1
     model = copy.deepcopy(base)
-    cached = prune(model, names, x, y, PruneConfig(update=True, **settings), cache=cache)
+    cached = prune(model, names, (x, y), PruneConfig(update=True, **settings), cache=cache)
     assert sum(k[0] == "update" for k in cache) == 1  # found, not solved again
     fresh_model = copy.deepcopy(base)
-    fresh = prune(fresh_model, names, x, y, PruneConfig(update=True, **settings))
+    fresh = prune(fresh_model, names, (x, y), PruneConfig(update=True, **settings))
     for a, b in zip(cached.results, fresh.results):
         np.testing.assert_array_equal(a.weights, b.weights)
         assert a.objective == b.objective
@@ -532,13 +533,13 @@ def test_cache_reuses_the_update_of_the_same_supports(trained):
         assert torch.equal(p, q), n
     # the cached copy is not the run's own: editing a result leaves the cache as it was
     cached.results[0].weights[:] = 0.0
-    again = prune(copy.deepcopy(base), names, x, y, PruneConfig(update=True, **settings), cache=cache)
+    again = prune(copy.deepcopy(base), names, (x, y), PruneConfig(update=True, **settings), cache=cache)
     np.testing.assert_array_equal(again.results[0].weights, fresh.results[0].weights)
 
 
 # ----------------------------------------------------------------------------- defaults
 def test_recommended_settings_and_rejections():
-    from engine.defaults import describe, recommended
+    from engine.recommend import describe, recommended
 
     low, high = recommended("mlpnet", 0.5), recommended("mlpnet", 0.98)
     assert low["stages"] <= high["stages"] and low["first_order"] and low["update"]
@@ -551,11 +552,12 @@ def test_recommended_settings_and_rejections():
 
 
 def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared_data, tmp_path):
-    from engine.defaults import recommended
+    from engine.recommend import recommended
 
     out = tmp_path / "auto"
     code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.5",
-                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--step-search-bn", "--allocation", "uniform",
+                 "--fisher-samples", "16", "--fisher-batch", "2", "--stages", "2", "--param", "step_search_bn=true",
+                 "--allocation", "uniform",
                  "--out", str(out), "--no-progress"])
     assert code == 0
     settings = json.loads((out / "record.json").read_text())["settings"]
@@ -567,52 +569,59 @@ def test_cli_without_method_runs_the_recommendation_and_flags_override_it(shared
     assert settings["allocation"] == "uniform"
 
 
-def test_cli_recommendation_without_bn_reestimate_scores_steps_on_running_statistics():
-    from engine.cli import build_parser, prune_settings
-    from engine.defaults import recommended
+def _bn_net_and_data(n=6000):
+    """A small convolutional network with BatchNorm and random image data (a "batchnorm" profile)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    return net, (torch.randn(n, 3, 8, 8), torch.randint(0, 10, (n,)))
 
-    rec = recommended("resnet20", 0.9)
-    base = ["prune", "--model", "resnet20", "--sparsity", "0.9", "--out", "x"]
-    settings, bn = prune_settings(build_parser().parse_args(base))
-    assert bn and settings == rec  # the recommendation as it is, re-estimation on
-    settings, bn = prune_settings(build_parser().parse_args(base + ["--no-bn-reestimate"]))
-    assert not bn and rec["step_search_bn"] and not settings["step_search_bn"]
-    assert {k: v for k, v in settings.items() if k != "step_search_bn"} == {k: v for k, v in rec.items()
-                                                                           if k != "step_search_bn"}
-    # an explicit flag still wins, and --allocation overrides the recommendation's budget
-    settings, bn = prune_settings(build_parser().parse_args(base + ["--no-bn-reestimate", "--step-search-bn",
-                                                                    "--allocation", "obs"]))
-    assert not bn and settings["step_search_bn"] and settings["allocation"] == "obs"
+
+def test_recommendation_without_bn_reestimate_scores_steps_on_running_statistics():
+    from engine.pipeline import prepare
+    from engine.recommend import Profile, recommend
+
+    net, data = _bn_net_and_data()
+    rec = recommend(Profile(8 * 27 + 80, True, 6000, True), 0.9)
+    assert rec.pop("bn_reestimate") and rec.pop("bn_augment") == "crop-flip"
+    run = prepare(net, data, sparsity=0.9)
+    assert run.bn is not None and run.bn.augment == "crop-flip"  # the recommendation as it is, re-estimation on
+    assert all(getattr(run.config, k) == v for k, v in rec.items())
+    run = prepare(net, data, sparsity=0.9, bn_reestimate=False)
+    assert run.bn is None and rec["step_search_bn"] and not run.config.step_search_bn
+    assert all(getattr(run.config, k) == v for k, v in rec.items() if k != "step_search_bn")
+    # a setting the user gives still wins, and allocation overrides the recommendation's budget
+    run = prepare(net, data, sparsity=0.9, bn_reestimate=False, settings={"step_search_bn": True, "allocation": "obs"})
+    assert run.bn is None and run.config.step_search_bn and run.config.allocation == "obs"
     # a named method starts from the paper-style settings: no re-estimation, no batch-statistics steps
-    settings, bn = prune_settings(build_parser().parse_args(base + ["--method", "magnitude"]))
-    assert not bn and not settings["step_search_bn"] and settings["stages"] == 1 and "allocation" not in settings
+    run = prepare(net, data, sparsity=0.9, settings={"method": "magnitude"})
+    assert run.bn is None and not run.config.step_search_bn and run.config.stages == 1
+    assert "--method magnitude" in run.chosen and "--no-bn-reestimate" in run.chosen
 
 
-def test_resnet20_recommendation_holds_out_its_loss_samples_and_the_flags_override_it():
+def test_resnet20_recommendation_holds_out_its_loss_samples_and_the_params_override_it():
     from engine.cli import build_parser, prune_settings
-    from engine.defaults import describe, recommended
+    from engine.recommend import describe, recommended
 
     rec = recommended("resnet20", 0.8)
     assert rec["holdout_loss"] and rec["loss_samples"] == 1000
-    assert "--loss-samples 1000 --holdout-loss" in describe(rec)
+    assert "--loss-samples 1000" in describe(rec) and "--param holdout_loss=true" in describe(rec)
     assert not recommended("mlpnet", 0.9).get("holdout_loss")
     base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--no-holdout-loss"]))
-    assert not settings["holdout_loss"] and {k: v for k, v in settings.items() if k != "holdout_loss"} == {
-        k: v for k, v in rec.items() if k != "holdout_loss"}
-    settings, _ = prune_settings(build_parser().parse_args(base + ["--method", "magnitude"]))
-    assert "holdout_loss" not in settings  # a named method: the paper-style settings
+    settings = prune_settings(build_parser().parse_args(base + ["--param", "holdout_loss=false"]))
+    assert settings == {"holdout_loss": False}
+    assert prune_settings(build_parser().parse_args(base + ["--method", "magnitude"])) == {"method": "magnitude"}
     PruneConfig(sparsity=0.8, **rec)  # valid as it stands
 
 
-@pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--step-search-bn", "--no-step-search-bn"],
-                                   ["--holdout-loss", "--no-holdout-loss"]])
-def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags", [["--bn-reestimate", "--no-bn-reestimate"], ["--update", "--no-update"],
+                                   ["--step-search", "--no-step-search"]])
+def test_cli_on_off_flags_are_exclusive(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exc:
         main(["prune", "--model", "resnet20", "--sparsity", "0.5", *flags, "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
-    from engine.defaults import recommends_bn_reestimate
+    from engine.recommend import recommends_bn_reestimate
 
     assert recommends_bn_reestimate("resnet20") and not recommends_bn_reestimate("mlpnet")
 
@@ -620,7 +629,7 @@ def test_cli_bn_reestimate_flags_are_exclusive(tmp_path, capsys, flags):
 @pytest.mark.parametrize("model", ["mlpnet", "resnet20"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.9, 0.98])
 def test_every_recommendation_builds_a_config_with_and_without_cli_overrides(model, sparsity):
-    from engine.defaults import recommended
+    from engine.recommend import recommended
 
     rec = recommended(model, sparsity)
     PruneConfig(sparsity=sparsity, **rec)
@@ -631,7 +640,7 @@ def test_resnet20_recommendation_doubles_its_gradient_rows_from_0_8_and_fits_the
     """500 rows of 16 images from 0.8 up (250 below), and every ResNet20 recommendation passes prune()'s
     own sample checks on the 10,000-image CIFAR-10 training subset of ../shared/data (Fisher images plus
     the held-out loss images)."""
-    from engine.defaults import recommended
+    from engine.recommend import recommended
     from engine.models import build_model
     from engine.pruner import check_prune_inputs
 

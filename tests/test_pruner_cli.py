@@ -32,8 +32,9 @@ def test_prune_masks_budget_and_update(trained, mode, update):
     model = copy.deepcopy(base)
     names = [n for n, _ in prunable_parameters(model)]
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = PruneConfig(sparsity=0.7, method="magnitude", update=update, fisher_samples=300, block_mode=mode, seed=1)
-    report = prune(model, names, x, y, config)
+    config = PruneConfig(sparsity=0.7, method="magnitude", update=update, fisher_samples=300, block_mode=mode, seed=1,
+                         certify=True)
+    report = prune(model, names, (x, y), config)
     n_total = sum(dense[n].numel() for n in names)
     assert report.n_total == n_total
     assert report.n_keep == round(0.3 * n_total)
@@ -53,6 +54,27 @@ def test_prune_masks_budget_and_update(trained, mode, update):
         ref = optimal_update(report_problem(base, names, x, y, config, r.support.sum()), r.support)
         got = torch.cat([model.get_submodule(n.rsplit(".", 1)[0]).weight.detach().reshape(-1) for n in names])
         np.testing.assert_allclose(got.double().numpy(), ref.weights, rtol=1e-4, atol=1e-6)
+
+
+def test_magnitude_without_update_computes_no_gradients_unless_certified(trained, monkeypatch):
+    """Plain magnitude masking reads nothing but the weights: no gradient rows, no objective in the record;
+    the same masks as the certified run, which does compute them for its bounds."""
+    base, x, y = trained
+    names = [n for n, _ in prunable_parameters(base)]
+    certified = copy.deepcopy(base)
+    ref = prune(certified, names, (x, y), PruneConfig(sparsity=0.7, method="magnitude", fisher_samples=300, certify=True))
+    assert all(b.bound is not None for b in ref.blocks)
+
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("gradients computed for plain magnitude masking")
+
+    monkeypatch.setattr("engine.stage.per_sample_gradients", no_gradients)
+    plain = copy.deepcopy(base)
+    report = prune(plain, names, (x, y), PruneConfig(sparsity=0.7, method="magnitude", fisher_samples=300))
+    assert all(b.objective is None and b.bound is None for b in report.blocks)
+    assert report.to_dict()["objective_total"] is None and report.config["certify"] is False
+    for n in names:
+        assert torch.equal(report.masks[n], ref.masks[n])
 
 
 def report_problem(model, names, x, y, config, k):
@@ -90,7 +112,7 @@ def test_prune_failure_leaves_model_untouched(trained):
     names = [n for n, _ in prunable_parameters(model)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SolverError, match="support of size"):
-        prune(model, names, x, y, PruneConfig(sparsity=0.5, method=_WrongSize(), fisher_samples=50))
+        prune(model, names, (x, y), PruneConfig(sparsity=0.5, method=_WrongSize(), fisher_samples=50))
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -98,7 +120,7 @@ def test_prune_failure_leaves_model_untouched(trained):
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"sparsity": 1.0}, r"'sparsity' argument of prune\(\) must be in \[0, 1\). Got 1.0"),
+        ({"sparsity": 1.0}, r"'sparsity' argument of prune\(\) must be a number in \[0, 1\). Got 1.0"),
         ({"sparsity": -0.1}, r"'sparsity'.*Got -0.1"),
         ({"sparsity": 0.5, "fisher_samples": 0}, r"'fisher_samples'.*>= 1. Got 0"),
         ({"sparsity": 0.5, "fisher_batch": 0}, r"'fisher_batch'"),
@@ -120,9 +142,9 @@ def test_prune_rejects_unknown_method_and_too_many_samples(trained):
     base, x, y = trained
     names = [n for n, _ in prunable_parameters(base)]
     with pytest.raises(InvalidOptionError, match="'method'.*magnitude"):
-        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="nope"))
+        prune(copy.deepcopy(base), names, (x, y), PruneConfig(sparsity=0.5, method="nope"))
     with pytest.raises(InvalidOptionError, match="'fisher_samples'"):
-        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=10**6))
+        prune(copy.deepcopy(base), names, (x, y), PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=10**6))
 
 
 def test_prune_rejects_a_block_too_large_for_the_method_before_any_gradient(trained, monkeypatch):
@@ -132,9 +154,9 @@ def test_prune_rejects_a_block_too_large_for_the_method_before_any_gradient(trai
     def no_work(*args, **kwargs):
         raise AssertionError("gradients computed before the block-size check")
 
-    monkeypatch.setattr("engine.pruner.per_sample_gradients", no_work)
+    monkeypatch.setattr("engine.stage.per_sample_gradients", no_work)
     with pytest.raises(InvalidOptionError, match="at most 24 weights.*--block-size"):
-        prune(copy.deepcopy(base), names, x, y, PruneConfig(sparsity=0.5, method="brute_force", block_mode="layer"))
+        prune(copy.deepcopy(base), names, (x, y), PruneConfig(sparsity=0.5, method="brute_force", block_mode="layer"))
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -144,9 +166,9 @@ def test_prune_rejects_a_block_too_large_for_the_method_before_any_gradient(trai
     (dict(n_train=0), r"'n_train'.*integer >= 1.*Got 0"),
     (dict(n_train=True), r"'n_train'"),
     (dict(n_train=99), r"'fisher_samples'.*at most the 99.*100 x 1 = 100"),
-    (dict(config=PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=10, loss_samples=200)),
+    (dict(config=PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=10, loss_samples=200)),
      r"'loss_samples'.*at most the 150 training samples.*Got 200"),
-    (dict(config=PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=100, loss_samples=60,
+    (dict(config=PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=100, loss_samples=60,
                              holdout_loss=True)), r"'loss_samples'.*at most the 50 training samples left"),
     (dict(config=PruneConfig(sparsity=0.5, method="nope")), r"'method'"),
 ])
@@ -154,7 +176,7 @@ def test_check_prune_inputs_rejections(trained, change, pattern):
     """Each of check_prune_inputs' rejections names its argument (150 training samples by default)."""
     base, _, _ = trained
     names = change.get("names", [n for n, _ in prunable_parameters(base)])
-    config = change.get("config", PruneConfig(sparsity=0.5, method="magnitude", fisher_samples=100))
+    config = change.get("config", PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=100))
     with pytest.raises(InvalidOptionError, match=pattern):
         check_prune_inputs(base, names, change.get("n_train", 150), config)
 
@@ -181,11 +203,11 @@ def _run(argv, capsys):
     [
         (["--model", "mlpnet", "--sparsity", "1.5"], r"--sparsity: must be a number in \[0, 1\). Got 1.5"),
         (["--model", "mlpnet", "--sparsity", "nan"], r"--sparsity: must be a number in \[0, 1\)"),
-        (["--model", "vgg", "--sparsity", "0.5"], r"--model: invalid choice: 'vgg'"),
+        (["--model", "vgg", "--sparsity", "0.5"], r"'--model'.*FILE.py:FUNC.*Got 'vgg'"),
         (["--model", "mlpnet", "--sparsity", "0.5", "--fisher-samples", "0"], r"--fisher-samples: must be an integer >= 1. Got 0"),
         (["--model", "mlpnet", "--sparsity", "0.5", "--damping", "-1"], r"--damping: must be a number > 0. Got -1"),
-        (["--model", "mlpnet", "--sparsity", "0.5", "--checkpoint", "/no/such.ckpt"], r"--checkpoint: must be an existing file"),
-        (["--model", "mlpnet", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], r"--data-dir: must be an existing folder"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--checkpoint", "/no/such.ckpt"], r"'--checkpoint'.*'/no/such.ckpt' does not exist"),
+        (["--model", "mlpnet", "--sparsity", "0.5", "--data-dir", "/no/such/dir"], r"data folder /no/such/dir does not exist"),
         (["--model", "mlpnet", "--sparsity", "0.5", "--block-size", "0"], r"--block-size: must be an integer >= 1"),
     ],
 )
@@ -224,7 +246,7 @@ def test_cli_samples_beyond_the_training_set_exit_2_before_any_work(capsys, tmp_
     def no_work(*args, **kwargs):
         raise AssertionError("evaluated before the sample-count check")
 
-    monkeypatch.setattr("engine.pipeline.evaluate", no_work)
+    monkeypatch.setattr("engine.pipeline.evaluate_samples", no_work)
     code, _, err = _run(["prune", "--model", "resnet20", "--sparsity", "0.8", "--data-dir", str(shared_data),
                          "--fisher-samples", "600", "--out", str(tmp_path)], capsys)
     assert code == 2 and "'loss_samples'" in err and "400 training samples left after the 9600" in err, err
@@ -247,7 +269,7 @@ def test_key_value_flags_read_json_python_literals_and_bare_words(text, value):
 def test_cli_bad_solver_param_exit_2(capsys, tmp_path, shared_data):
     code, _, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--data-dir", str(shared_data),
                          "--param", "oops", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "KEY=VALUE" in err
+    assert code == 2 and "NAME=VALUE" in err
 
 
 def test_cli_prune_mlpnet_end_to_end(capsys, tmp_path, shared_data):
@@ -274,13 +296,20 @@ def test_cli_solvers_lists_builtins(capsys):
 
 def test_cli_demo_writes_table_records_and_plot(capsys, tmp_path):
     code, out, err = _run(["demo", "--out", str(tmp_path), "--sparsities", "0.5", "0.8",
-                           "--methods", "magnitude", "cbs", "--epochs", "60"], capsys)
+                           "--methods", "magnitude", "recommended", "--epochs", "60"], capsys)
     assert code == 0, err
-    assert "| magnitude |" in out and "| cbs |" in out
+    assert "| magnitude |" in out and "| recommended |" in out and "--stages" in out
     for name in ("table.md", "records.jsonl", "record.json", "demo.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(abs(r["achieved_sparsity"] - r["sparsity"]) < 1e-3 for r in rows)
+    # exact against heuristic: a proven optimum, every heuristic at or above it, its certificate never below
+    gaps = json.loads((tmp_path / "record.json").read_text())["exact_vs_heuristic"]
+    assert gaps and all(g["proven"] for g in gaps)
+    for g in gaps:
+        for m in ("magnitude", "woodfisher", "greedy", "swap"):
+            assert g[m]["objective"] >= g["optimum"] * (1 - 1e-9)
+            assert g[m]["certified_gap"] >= g[m]["true_gap"] - 1e-9
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

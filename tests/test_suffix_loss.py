@@ -1,4 +1,4 @@
-"""The per-block losses of ``cbs`` run only the suffix of the forward pass (engine.pruner._PrefixLoss):
+"""The per-block losses of ``cbs`` run only the suffix of the forward pass (engine.losses.PrefixLoss):
 the models' forward chains against their forward passes, and every block's masked loss against a full
 forward pass of a masked copy (the oracle), including the weights being restored after each call."""
 
@@ -10,7 +10,7 @@ import torch
 
 from engine.blocks import make_blocks
 from engine.models import build_model, forward_chain, prunable_parameters, small_mlp
-from engine.pruner import _BlockLoss, _mean_loss, _PrefixLoss
+from engine.losses import BlockLoss, PrefixLoss, mean_loss
 
 
 def _inputs(name, count, seed=0):
@@ -39,9 +39,9 @@ def test_a_model_without_a_chain_gets_the_whole_pass():
     seq = torch.nn.Sequential(torch.nn.Flatten(), net.fc1, torch.nn.ReLU(), net.fc2)
     assert forward_chain(seq) is None
     x, y = torch.randn(30, 8), torch.randint(0, 3, (30,))
-    loss = _PrefixLoss(seq, x, y)
+    loss = PrefixLoss(seq, x, y)
     assert loss.first_part([net.fc2.weight]) == 0
-    assert loss(0) == _mean_loss(seq, x, y)
+    assert loss(0) == mean_loss(seq, x, y)
 
 
 def _masked_copy_loss(model, block, support, x, y):
@@ -50,11 +50,11 @@ def _masked_copy_loss(model, block, support, x, y):
     params = dict(ref.named_parameters())
     offset = 0
     with torch.no_grad():
-        for pname, start, stop in block.segments:
+        for pname, start, stop, _ in block.segments:
             seg = params[pname].data.view(-1)[start:stop]
             seg.mul_(torch.from_numpy(support[offset : offset + stop - start]).to(seg.dtype))
             offset += stop - start
-    return _mean_loss(ref, x, y)
+    return mean_loss(ref, x, y)
 
 
 @pytest.mark.parametrize("name,preset", [("resnet20", "default"), ("mlpnet", "default")])
@@ -66,14 +66,14 @@ def test_every_block_loss_equals_the_full_pass_of_a_masked_copy(name, preset):
     # 300 images: two batches of the loss (256 + 44), so the cache holds more than one batch
     x, y = _inputs(name, 300)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    prefix = _PrefixLoss(model, x, y)
+    prefix = PrefixLoss(model, x, y)
     rng = np.random.default_rng(0)
     # blocks out of model order, each twice: the one cache slot is refilled and reused
     order = list(rng.permutation(len(blocks))) + list(range(len(blocks)))
     parts = set()
     for b in order:
         block = blocks[b]
-        evaluate = _BlockLoss(model, block, x, y, np.arange(block.n), prefix=prefix)
+        evaluate = BlockLoss(model, block, np.arange(block.n), prefix)
         parts.add(evaluate.part)
         support = rng.random(block.n) < 0.5
         got = evaluate(support)

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-from .errors import invalid_option
+from engine.errors import invalid_option
 
 __all__ = ["retain_freed_memory", "memory_retained", "RETAIN_ENV"]
 

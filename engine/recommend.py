@@ -1,0 +1,180 @@
+"""The recommendation: the settings ``cbs prune`` runs when the user does not give them, as data.
+
+One rule: the recommendation fills every setting, then the user's flags (or API keywords) override it.
+
+The recommendation depends on properties of the model and the data, never on the model's name:
+
+* the **profile** (:class:`Profile`): "batchnorm" when the model has BatchNorm layers; else "small" when its
+  prunable weights fit one whole-network block (at most :data:`WHOLE_MAX` weights) and "large" otherwise;
+* the target sparsity (more stages at higher sparsity, :data:`STAGES`);
+* the training set's size: the gradient rows, rows' batch and loss samples shrink to fit it (:func:`fit`);
+* whether the inputs are image batches (crop-and-flip augmentation for BatchNorm re-estimation).
+
+With no method named, the recommendation is our best measured configuration (docs/results.md): multi-stage
+pruning by magnitude with the CBS-U update, the first-order term and the step search (the zoo's MLPNet is a
+"small" model, ResNet20 a "batchnorm" one, so their measured settings are the table's rows). Naming a method
+gives the paper-style single stage :data:`PLAIN`. :data:`PAPER` holds the CBS paper's settings per profile (used
+by ``scripts/reproduce.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from .errors import invalid_option
+
+__all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "fit",
+           "PLAIN", "PAPER", "RECIPES", "STAGES", "WHOLE_MAX"]
+
+#: the most prunable weights of a model pruned as one whole-network block (MLPNet: 32,360)
+WHOLE_MAX = 100_000
+
+#: multi-stage settings by profile (CHITA++-style; docs/results.md)
+RECIPES: dict[str, dict[str, Any]] = {
+    "small": dict(method="magnitude", update=True, fisher_samples=500, fisher_batch=32, damping=1e-3,
+                  block_mode="whole", schedule="poly", first_order=True, step_search=True),
+    "large": dict(method="magnitude", update=True, fisher_samples=500, fisher_batch=32, damping=1e-3,
+                  block_mode="layer", schedule="poly", first_order=True, step_search=True),
+    "batchnorm": dict(method="magnitude", update=True, fisher_samples=250, fisher_batch=16, damping=1e-3,
+                      block_mode="layer", schedule="poly", first_order=True, step_search=True, step_search_bn=True,
+                      loss_samples=1000, holdout_loss=True),
+}
+
+#: stages by sparsity: (upper sparsity, settings over RECIPES); the first row whose bound is >= the target
+#: applies. "batchnorm" from 0.8 up draws 500 rows of 16 images a stage instead of 250: +0.8 points at 0.8
+#: on ResNet20 over three seeds, for about 1.5x the run's seconds
+STAGES: dict[str, list[tuple[float, dict[str, Any]]]] = {
+    "small": [(0.9, dict(stages=20)), (0.95, dict(stages=40)), (1.0, dict(stages=80))],
+    "large": [(0.9, dict(stages=20)), (0.95, dict(stages=40)), (1.0, dict(stages=80))],
+    "batchnorm": [(0.6, dict(stages=4)), (0.75, dict(stages=8)), (0.8, dict(stages=8, fisher_samples=500)),
+                  (1.0, dict(stages=12, fisher_samples=500))],
+}
+
+#: settings when the user names a method (single stage, paper-style)
+PLAIN: dict[str, Any] = dict(fisher_samples=1000, fisher_batch=1, damping=1e-3, block_mode="layer", stages=1,
+                             schedule="exp", first_order=False, step_search=False, step_search_bn=False, update=None)
+
+#: the CBS paper's settings: MLPNet N = 10,000, λ = 1e-3, the whole network one block; ResNet20 N = 1,000,
+#: λ = 1e-5, one block per layer, its 18 block convs (the "cbs" parameter preset)
+PAPER: dict[str, dict[str, Any]] = {
+    "small": dict(fisher_samples=10000, damping=1e-3, block_mode="whole"),
+    "large": dict(fisher_samples=1000, damping=1e-5, block_mode="layer"),
+    "batchnorm": dict(fisher_samples=1000, damping=1e-5, block_mode="layer", params="cbs"),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the recommendation looks at."""
+
+    n_prunable: int
+    has_batchnorm: bool
+    n_train: int
+    image_inputs: bool
+
+    @property
+    def kind(self) -> str:
+        if self.has_batchnorm:
+            return "batchnorm"
+        return "small" if self.n_prunable <= WHOLE_MAX else "large"
+
+
+def profile_of(model: nn.Module, names: list[str], n_train: int, input_ndim: int) -> Profile:
+    """The profile of ``model`` with prunable ``names``, ``n_train`` training samples and inputs of
+    ``input_ndim`` dimensions per batch."""
+    params = dict(model.named_parameters())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return Profile(sum(params[n].numel() for n in names), has_bn, int(n_train), input_ndim == 4)
+
+
+def fit(settings: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """``settings`` with the gradient rows, rows' batch and held-out loss samples shrunk to fit ``n_train``
+    training samples: loss samples at most a fifth of them, then the rows' batch B, then the rows N."""
+    out = dict(settings)
+    avail = n_train
+    if out.get("loss_samples") is not None:
+        out["loss_samples"] = max(1, min(out["loss_samples"], n_train // 5))
+        if out.get("holdout_loss"):
+            avail -= out["loss_samples"]
+    n, b = out.get("fisher_samples", 1000), out.get("fisher_batch", 1)
+    if n * b > avail:
+        b = max(1, min(b, avail // max(n, 1)))
+        n = max(1, min(n, avail // b))
+        out["fisher_samples"], out["fisher_batch"] = n, b
+    return out
+
+
+def recommend(profile: Profile, sparsity: float, method: Any = None) -> dict[str, Any]:
+    """PruneConfig settings (method included) and the run's ``bn_reestimate``/``bn_augment``: the
+    recommendation for ``profile`` at ``sparsity`` (see the module docstring)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise invalid_option("sparsity", "recommend()", "in [0, 1)", sparsity)
+    kind = profile.kind
+    if method is None:
+        by_sparsity = next(s for bound, s in STAGES[kind] if sparsity <= bound)
+        settings = {**RECIPES[kind], **by_sparsity}
+    else:
+        settings = {**PLAIN, "method": method}
+    settings = fit(settings, profile.n_train)
+    settings["bn_reestimate"] = profile.has_batchnorm and method is None
+    settings["bn_augment"] = "crop-flip" if profile.image_inputs else "none"
+    if not settings["bn_reestimate"]:
+        settings["step_search_bn"] = False  # without re-estimation the running statistics are the ones used
+    return settings
+
+
+#: the profiles of the zoo models (what profile_of gives for them with their data)
+_ZOO_PROFILES = {"mlpnet": Profile(32360, False, 60000, True), "resnet20": Profile(270896, True, 10000, True)}
+
+
+def recommended(model: str, sparsity: float) -> dict[str, Any]:
+    """PruneConfig settings of the recommendation for a zoo model (no method named), without the run's
+    BatchNorm settings."""
+    if model not in _ZOO_PROFILES:
+        raise invalid_option("model", "recommended()", f"one of {', '.join(_ZOO_PROFILES)}", repr(model))
+    settings = recommend(_ZOO_PROFILES[model], sparsity)
+    settings.pop("bn_reestimate"), settings.pop("bn_augment")
+    return settings
+
+
+def recommends_bn_reestimate(model: str) -> bool:
+    """Whether the recommended run of a zoo model re-estimates BatchNorm statistics (after every stage and at
+    the end): for ResNet20 it is worth points at every sparsity (docs/results.md), MLPNet has no BatchNorm."""
+    return _ZOO_PROFILES[model].has_batchnorm
+
+
+#: settings that describe() writes, in this order: ``--key`` when set, or ``--key VALUE`` for those in _VALUED
+_SWITCHES = ("update", "first_order", "step_search", "loss_samples")
+_ADVANCED = ("step_search_bn", "holdout_loss", "couple_mean", "newton_step_only", "block_steps", "relative_damping")
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """One line for the log: settings in flag form (advanced ones as ``--param NAME=true``)."""
+    flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
+             f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
+             f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
+             f"--schedule {settings['schedule']}"]
+    if settings.get("allocation", "magnitude") != "magnitude":
+        flags.append(f"--allocation {settings['allocation']}")
+    for key in _SWITCHES:
+        value = settings.get(key)
+        if key == "loss_samples":
+            if value is not None:
+                flags.append(f"--loss-samples {value}")
+        elif value:
+            flags.append("--" + key.replace("_", "-"))
+    flags += [f"--param {key}=true" for key in _ADVANCED if settings.get(key)]
+    comp = settings.get("compensate", ())
+    if comp:
+        flags.append(f"--param compensate={comp if isinstance(comp, str) else ','.join(comp)}")
+    if "bn_reestimate" in settings:
+        flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
+    return " ".join(flags)
+
+
+def as_dict(profile: Profile) -> dict[str, Any]:
+    """The profile for records."""
+    return {**asdict(profile), "kind": profile.kind}
