@@ -52,7 +52,7 @@ class BatchNormPlan:
     samples: int = 10000
     augment: str = "none"
 
-    def reestimate(self, model: nn.Module, train: Samples, seed: int) -> int:
+    def reestimate(self, model: nn.Module, train: Samples, seed: int, show: bool | None = None) -> int:
         """Recompute every BatchNorm layer's statistics; the number of layers (0: none, nothing done)."""
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             return 0
@@ -61,7 +61,8 @@ class BatchNormPlan:
         if self.augment == "none":
             order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
             batches = (drawn.source.take(drawn.index[order[s : s + 128]])[0] for s in range(0, count, 128))
-            return reestimate_batchnorm_batches(model, batches)
+            return reestimate_batchnorm_batches(model, progress(batches, total=-(-count // 128), desc="BatchNorm",
+                                                                enabled=show))
         from .data import crop_flip, crop_flip_plan
 
         black = None
@@ -78,7 +79,8 @@ class BatchNormPlan:
                 images = drawn.source.take(drawn.index[rows % count])[0]
                 yield crop_flip(images, plan, rows, black)
 
-        return reestimate_batchnorm_batches(model, batches())
+        return reestimate_batchnorm_batches(model, progress(batches(), total=-(-copies * count // 128),
+                                                            desc="BatchNorm", enabled=show))
 
 
 def evaluate_samples(model: nn.Module, data: Samples, loss: Callable = cross_entropy,
@@ -100,7 +102,8 @@ def evaluate_samples(model: nn.Module, data: Samples, loss: Callable = cross_ent
 
 
 def stage_hook(bn: BatchNormPlan | None, train: Samples, test: Samples | None, seed: int, loss: Callable = cross_entropy,
-               metric: Callable = top1_accuracy, test_every_stage: bool = True) -> tuple[Callable, list[dict]]:
+               metric: Callable = top1_accuracy, test_every_stage: bool = True,
+               show: bool | None = False) -> tuple[Callable, list[dict]]:
     """The ``on_stage`` callback of :func:`engine.pruner.prune` and the list it fills: after every stage but the
     last it re-estimates BatchNorm (with ``bn``, on a per-stage seed) and, with ``test_every_stage``, appends
     the stage's test metric and loss."""
@@ -108,7 +111,7 @@ def stage_hook(bn: BatchNormPlan | None, train: Samples, test: Samples | None, s
 
     def on_stage(stage, staged_model) -> None:
         if bn is not None:
-            bn.reestimate(staged_model, train, seed + stage.stage)
+            bn.reestimate(staged_model, train, seed + stage.stage, show)
         entry: dict[str, Any] = {"stage": stage.stage, "sparsity": stage.sparsity, "step": stage.step}
         if test_every_stage and test is not None:
             entry["accuracy"], entry["test_loss"] = evaluate_samples(staged_model, test, loss, metric)
@@ -176,7 +179,7 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None) ->
     started = time.time()
     config, show = run.config, run.config.progress
     dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
-    on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric)
+    on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric, show=show)
     report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
                    on_stage=on_stage if config.stages > 1 else None, cache=cache)
     record: dict[str, Any] = {**run.describe, "method": config.method_name, "update": config.applies_update,
@@ -184,7 +187,7 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None) ->
                               "recommendation": run.chosen}
     after = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
     if run.bn is not None:
-        run.bn.reestimate(run.model, run.train, config.seed)
+        run.bn.reestimate(run.model, run.train, config.seed, show)
         if after is not None:
             record["accuracy_no_bn_reestimate"], record["test_loss_no_bn_reestimate"] = after
             after = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show)

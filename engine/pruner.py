@@ -30,7 +30,7 @@ from .config import BlockRecord, PruneConfig, PruneReport, StageRecord
 from .errors import InvalidOptionError, invalid_option
 from .losses import LossFn, cross_entropy, write_weights
 from .masking import apply_pruning
-from .progress import get_logger
+from .progress import get_logger, progress
 from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .sources import Samples, as_samples
@@ -76,6 +76,8 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
             if config.holdout_loss and rows + config.loss_samples > n_train:
                 raise invalid_option("loss_samples", "prune()", f"at most the {n_train - rows} training samples "
                                      f"left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
+    if config.needs_gradients:
+        _check_memory(config, sum(params[n].numel() for n in parameter_names))
     cap = solver.capabilities
     largest = max(b.n for b in make_blocks(parameter_names, [params[n].shape for n in parameter_names],
                                            config.block_mode, config.block_size, transposed))
@@ -85,6 +87,25 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
             f"{largest}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
         )
     return solver
+
+
+def _check_memory(config: PruneConfig, n_weights: int) -> None:
+    """The gradient rows (N × n float32, twice over when blocks copy their columns out) must fit in this
+    machine's memory: say so before any work instead of failing in the middle."""
+    import os
+
+    copies = 1 if config.block_mode == "whole" else 2
+    needed = config.fisher_samples * n_weights * 4 * copies
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not reported on this platform: nothing to check against
+        return
+    if needed > 0.8 * physical:
+        raise invalid_option("fisher_samples", "prune()", f"small enough for the gradient rows to fit in memory: "
+                             f"{config.fisher_samples} rows x {n_weights:,} weights x 4 bytes"
+                             f"{' x 2 (block copies)' if copies == 2 else ''} = {needed / 2**30:.1f} GiB, this "
+                             f"machine has {physical / 2**30:.1f} GiB; use fewer samples or prune fewer parameters "
+                             "(--params)", config.fisher_samples)
 
 
 def prune(
@@ -130,7 +151,9 @@ def prune(
     stages: list[StageRecord] = []
     totals = {"fisher": 0.0, "select": 0.0, "update": 0.0, "prune": 0.0}
     try:
-        for t, target in enumerate(schedule):
+        stages_bar = progress(enumerate(schedule), total=len(schedule), desc="stages",
+                              enabled=config.progress if len(schedule) > 1 else False)
+        for t, target in stages_bar:
             outcome = run_stage(run, t, target, alive)
             stages.append(outcome.record)
             for key in totals:

@@ -53,7 +53,7 @@ import torch
 
 from engine.cli import POSITIVE_INT, parse_value
 from engine.data import dataset_for_model, default_data_dir
-from engine.recommend import recommended
+from engine.recommend import PAPER, recommended
 from engine.errors import CBSError
 from engine.evaluate import evaluate
 from engine.models import PRUNABLE_PRESETS, load_model, prunable_parameters
@@ -82,13 +82,12 @@ CHECKPOINTS = {name: entry[1] for name, entry in ZOO.items()}
 
 SPARSITIES = {"mlpnet": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "resnet20": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 
-#: the paper settings of each model (CBS: N = 10,000, λ = 1e-3, one block for MLPNet; N = 1,000,
-#: λ = 1e-5, one block per layer, the 18 block convs for ResNet20)
-BASE = {
-    "mlpnet": dict(fisher_samples=10000, damping=1e-3, block_mode="whole"),
-    "resnet20": dict(fisher_samples=1000, damping=1e-5, block_mode="layer"),
-}
-PRESET = {"mlpnet": "default", "resnet20": "cbs"}
+#: the paper settings of each model: the recommendation table's (engine.recommend.PAPER; MLPNet is a "small"
+#: model, ResNet20 a "batchnorm" one): CBS: N = 10,000, λ = 1e-3, one block for MLPNet; N = 1,000, λ = 1e-5,
+#: one block per layer, the 18 block convs for ResNet20
+BASE = {model: {k: v for k, v in PAPER[kind].items() if k != "params"}
+        for model, kind in (("mlpnet", "small"), ("resnet20", "batchnorm"))}
+PRESET = {"mlpnet": PAPER["small"].get("params", "default"), "resnet20": PAPER["batchnorm"]["params"]}
 
 #: label -> (settings over BASE, or a function of the sparsity giving them; seeds it is run with:
 #: "all" = every --seeds, else the first only). "multi-stage" is what `cbs prune` runs when no method is
