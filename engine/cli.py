@@ -163,7 +163,9 @@ def split_params(items: list[str]) -> tuple[dict, dict]:
     the solver's constructor."""
     from .settings import PRUNE_OPTIONS
 
-    advanced = {o.name: o for o in PRUNE_OPTIONS if not o.public and o.name != "solver_params"}
+    from .settings import JOB_OPTIONS
+
+    advanced = {o.name: o for o in PRUNE_OPTIONS + JOB_OPTIONS if not o.public and o.name != "solver_params"}
     settings, params = {}, {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -216,6 +218,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                 "../shared/data) or set CBS_DATA_DIR.")
     threads = _set_threads(args.threads)
     settings = prune_settings(args)
+    job = {k: settings.pop(k) for k in ("bn_samples", "bn_augment") if k in settings}
     user = load_model_spec(args.model, args.checkpoint, data_dir)
     train, test, data_text = load_data_spec(args.data, user, data_dir)
     loss, loss_name = load_loss_spec(args.loss, user, "loss")
@@ -225,7 +228,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
               str(args.checkpoint or data_dir / ZOO[user.zoo][1]), "data": data_text, "loss": loss_name,
               "metric": metric_name, "threads": threads}
     run = prepare(user.module, train, test, sparsity=args.sparsity, settings=settings, params=args.params,
-                  loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs)
+                  loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs, **job)
     sys.stderr.write(f"cbs prune: running {run.chosen}\n")
     try:
         record = execute(run, out=str(args.out))

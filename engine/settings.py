@@ -124,7 +124,7 @@ class Option:
     def parse(self, text: str, where: str = "cbs prune") -> Any:
         """The value of ``text`` (a flag's or ``--param NAME=TEXT``'s), checked."""
         text = text.strip()
-        if self.nullable and text.lower() in ("none", "null"):
+        if self.nullable and text.lower() in ("none", "null") and text not in self.allowed_choices():
             return None
         try:
             if self.kind == "int":

@@ -88,3 +88,18 @@ def test_prune_help_fits_one_screen_and_the_readme_names_every_flag():
             assert o.flag in readme, f"README does not mention {o.flag}"
     for command in parser._subparsers._group_actions[0].choices:
         assert f"cbs {command}" in readme, f"README does not show cbs {command}"
+
+
+def test_an_unknown_solver_parameter_is_one_clear_error(tmp_path, capsys, shared_data):
+    code = main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "cbs", "--param", "trials=3",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert "'trials' parameter is not one of solver 'cbs''s parameters" in err and len(err.strip().splitlines()) == 1
+
+
+def test_job_settings_through_param():
+    settings, params = split_params(["bn_samples=500", "bn_augment=none"])
+    assert settings == {"bn_samples": 500, "bn_augment": "none"} and params == {}
+    with pytest.raises(InvalidOptionError, match="'bn_augment'.*crop-flip"):
+        split_params(["bn_augment=mirror"])

@@ -151,8 +151,23 @@ def get_solver(solver: str | SubsetSolver, **params: Any) -> SubsetSolver:
         raise InvalidOptionError(
             f"The 'method' argument must be a solver name or a SubsetSolver instance. Got {solver!r}."
         )
-    instance = _factory(solver)(**params)
-    return instance
+    factory = _factory(solver)
+    if params:
+        import inspect
+
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # a factory without a signature: let it judge its parameters
+            accepted = {}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = [k for k in params if accepted and not takes_any and k not in accepted]
+        if unknown:
+            names = [k for k, p in accepted.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+            raise InvalidOptionError(
+                f"The '{unknown[0]}' parameter is not one of solver '{solver}''s parameters "
+                f"({', '.join(names) or 'it takes none'}). Got {params[unknown[0]]!r}."
+            )
+    return factory(**params)
 
 
 @dataclass(frozen=True)
