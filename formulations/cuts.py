@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .ksupport import k_support_squared, prox_k_support
 from .objective import dual_bound, dual_scores, optimal_update
 from .problem import BlockProblem
 
@@ -179,74 +180,6 @@ def perspective_shift(hessian: np.ndarray, floor: float = 0.0) -> tuple[float, f
         delta = floor * (1.0 - 1e-9)
     delta = max(delta, 1e-300)
     return delta, max(hi - delta, 0.0)
-
-
-# ------------------------------------------------------------------------------------------- prox and ρ
-def prox_k_support(x: np.ndarray, k: int, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """argmin_v ½‖v − x‖² + γ ρ_k(v), with the minimising z of ρ_k (both (m,)).
-
-    Jointly in (v, z): for fixed z, v_i = x_i z_i/(z_i + 2γ) with value γ x_i²/(z_i + 2γ); minimising that
-    over the capped simplex {0 ≤ z ≤ 1, Σz ≤ k} gives z_i = clip(√γ|x_i| μ − 2γ, 0, 1) with μ ≥ 0 the root
-    of the piecewise-linear Σ_i z_i(μ) = k (one sweep over its 2m sorted breakpoints: O(m log m), no iteration).
-    """
-    a = np.abs(x)
-    if k <= 0:
-        return np.zeros_like(x), np.zeros_like(x)
-    nz = a > 0
-    n_nz = int(np.count_nonzero(nz))
-    if n_nz <= k:
-        z = nz.astype(np.float64)
-        return x / (1.0 + 2.0 * gamma), z
-    sg = math.sqrt(gamma)
-    bvec = sg * (a if n_nz == a.size else a[nz])
-    two_g = 2.0 * gamma
-    # h(μ) = Σ_i clip(b_i μ − 2γ, 0, 1) is piecewise linear: coordinate i starts rising at lo_i = 2γ/b_i
-    # (slope b_i) and saturates at hi_i = (1 + 2γ)/b_i. Sweep the sorted events with cumulative sums:
-    # after event j, h = (#saturated) + (Σ active b) μ − 2γ (#active).
-    inv = 1.0 / bvec
-    p = bvec.size
-    t = np.concatenate([two_g * inv, (1.0 + two_g) * inv])
-    order = np.argsort(t, kind="stable")
-    t = t[order]
-    is_hi = order >= p
-    bb = bvec[order % p]
-    slope = np.cumsum(np.where(is_hi, -bb, bb))
-    active = np.cumsum(np.where(is_hi, -1.0, 1.0))
-    sat = np.cumsum(is_hi.astype(np.float64))
-    h = sat + slope * t - two_g * active
-    j = int(np.searchsorted(h, k, side="left"))
-    j = min(max(j, 1), t.size - 1)
-    s_prev = slope[j - 1]
-    if s_prev > 0:
-        mu = (k - sat[j - 1] + two_g * active[j - 1]) / s_prev
-        mu = min(max(mu, t[j - 1]), t[j])
-    else:
-        mu = t[j]
-    z = np.minimum(np.maximum((sg * mu) * a - two_g, 0.0), 1.0)
-    return x * z / (z + two_g), z
-
-
-def k_support_squared(v: np.ndarray, k: int) -> float:
-    """ρ_k(v) = min {Σ v_i²/z_i : 0 ≤ z ≤ 1, Σz ≤ k} (v_i²/0 = 0 if v_i = 0, else ∞).
-
-    Closed form: with |v| sorted descending a_1 ≥ a_2 ≥ ..., ρ = Σ_{i≤r} a_i² + (Σ_{i>r} a_i)²/(k − r) for the
-    r ∈ {0..k−1} with a_r ≥ Σ_{i>r} a_i/(k − r) ≥ a_{r+1} (z = 1 on the top r, ∝ a_i on the rest).
-    """
-    a = np.sort(np.abs(v))[::-1]
-    if k <= 0:
-        return 0.0 if not a.any() else math.inf
-    if np.count_nonzero(a) <= k:
-        return float(a @ a)
-    tail = np.cumsum(a[::-1])[::-1]  # tail[r] = Σ_{i≥r} a_i (0-based)
-    sq = np.concatenate([[0.0], np.cumsum(a * a)])
-    best = math.inf
-    for r in range(k):
-        theta = tail[r] / (k - r)
-        upper_ok = r == 0 or a[r - 1] >= theta * (1 - 1e-12)
-        if upper_ok and theta >= a[r] * (1 - 1e-12):
-            return float(sq[r] + tail[r] * theta)
-        best = min(best, float(sq[r] + tail[r] * theta))
-    return best
 
 
 # ----------------------------------------------------------------------------------- dual in step form
