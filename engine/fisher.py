@@ -14,9 +14,8 @@ Two ways to the same rows (``strategy``): ``"vmap"`` (one vmapped ``grad`` over 
 ``"loop"`` (one ordinary backward pass per row of ``fisher_batch`` samples). They agree to float32
 round-off. vmap wins for single-sample rows; for mini-batch rows of a convolutional network, vmap's
 batching rule turns every row's weight gradient into a grouped convolution, and the plain loop is faster
-(ResNet20, one thread: 1.2× at B = 4, 1.6× at B = 8, 2.4× at B = 16; MLPNet at B = 32: vmap 0.40 s,
-loop 0.48 s for 8,000 samples). ``"auto"`` picks the loop for rows of B >= 4 samples of a model with a
-convolution, vmap otherwise.
+(measured: docs/design.md, decision 19). ``"auto"`` picks the loop for rows of B >= 4 samples of a model with
+a convolution, vmap otherwise.
 """
 
 from __future__ import annotations
