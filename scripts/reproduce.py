@@ -219,7 +219,7 @@ class _Sweep:
             "test_loss": loss, "dense_accuracy": self.dense_acc, "achieved_sparsity": report.achieved_sparsity,
             "n_keep": report.n_keep, "run_seconds": run_seconds, "fisher_seconds": report.fisher_seconds,
             "prune_seconds": report.prune_seconds,
-            "objective_total": float(sum(b.objective for b in report.blocks)),
+            "objective_total": report.to_dict()["objective_total"],  # None: plain magnitude computes no gradients
             "max_gap": max((b.gap for b in report.blocks if b.gap is not None), default=None),
             "stage_accuracy": [e["accuracy"] for e in stage_log if "accuracy" in e],
             "stage_steps": [st.step for st in report.stages],
