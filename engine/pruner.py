@@ -33,7 +33,7 @@ from .masking import apply_pruning
 from .progress import get_logger, progress
 from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
-from .sources import Samples, as_samples
+from .sources import as_samples
 from .stage import Run, run_stage
 from .variants import compensating_parameters
 

@@ -16,7 +16,6 @@ from engine.demo import train_small_mlp
 from engine.errors import InvalidOptionError
 from engine.fisher import per_sample_gradients
 from engine.models import prunable_parameters
-from engine.options import SolveOptions
 from engine.losses import STEPS, mean_loss, search_steps
 from engine.pruner import PruneConfig, prune
 from engine.result import SolveResult

@@ -7,9 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
