@@ -225,7 +225,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     metric, metric_name = load_loss_spec(args.metric, user, "metric")
     check_data_against_model(user, train, loss, metric)
     inputs = {"model": args.model, "checkpoint": None if args.checkpoint is None and user.zoo is None else
-              str(args.checkpoint or data_dir / ZOO[user.zoo][1]), "data": data_text, "loss": loss_name,
+              str(args.checkpoint or data_dir / ZOO[user.zoo][0]), "data": data_text, "loss": loss_name,
               "metric": metric_name, "threads": threads}
     run = prepare(user.module, train, test, sparsity=args.sparsity, settings=settings, params=args.params,
                   loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs, **job)

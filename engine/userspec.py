@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import models as _models
 from .errors import CBSError, InvalidOptionError
 from .losses import cross_entropy, top1_accuracy
 from .sources import Samples
@@ -106,11 +107,8 @@ class UserModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-#: the zoo: model name -> (builder in engine.models, checkpoint under the data folder, data loader name)
-ZOO = {
-    "mlpnet": ("MLPNet", "weights/woodfisher_mlpnet_mnist_25_epoch_93.97.ckpt", "mnist"),
-    "resnet20": ("ResNet20", "weights/woodfisher_resnet20_cifar10.pth.tar", "cifar10"),
-}
+#: the zoo: model name -> (its checkpoint under the data folder, its data set's name)
+ZOO = {name: (_models.DEFAULT_CHECKPOINTS[name], data) for name, data in (("mlpnet", "mnist"), ("resnet20", "cifar10"))}
 
 
 def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) -> UserModel:
@@ -119,7 +117,7 @@ def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) ->
     from . import hub, models
 
     if spec in ZOO:
-        path = Path(checkpoint) if checkpoint is not None else data_dir / ZOO[spec][1]
+        path = Path(checkpoint) if checkpoint is not None else data_dir / ZOO[spec][0]
         if not path.is_file():
             raise _error("checkpoint", f"the checkpoint {str(path)!r} does not exist"
                          + ("." if checkpoint is not None else " (pass --checkpoint or --data-dir)."))
@@ -151,7 +149,7 @@ def load_data_spec(spec: str | None, model: UserModel, data_dir: Path) -> tuple[
         from .data import dataset_for_model
 
         train, test = (dataset_for_model(model.zoo, data_dir, split) for split in ("train", "test"))
-        return Samples(tuple(train), "train"), Samples(tuple(test), "test"), f"{ZOO[model.zoo][2]} in {data_dir}"
+        return Samples(tuple(train), "train"), Samples(tuple(test), "test"), f"{ZOO[model.zoo][1]} in {data_dir}"
     out = call_function(spec, "data")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise _error("data", f"{spec} must return (train, test). Got {_describe(out)}.")

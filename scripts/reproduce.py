@@ -56,10 +56,10 @@ from engine.data import dataset_for_model, default_data_dir
 from engine.recommend import PAPER, recommended
 from engine.errors import CBSError
 from engine.evaluate import evaluate
+from engine.models import DEFAULT_CHECKPOINTS as CHECKPOINTS
 from engine.models import PRUNABLE_PRESETS, load_model, prunable_parameters
 from engine.pipeline import BatchNormPlan, peak_memory_mb, stage_hook
 from engine.sources import Samples
-from engine.userspec import ZOO
 from engine.plots import accuracy_plot
 from engine.progress import progress
 from engine.pruner import PruneConfig, prune
@@ -78,7 +78,6 @@ def _load_sibling(name: str):
 
 
 retain_freed_memory = _load_sibling("memory_policy").retain_freed_memory
-CHECKPOINTS = {name: entry[1] for name, entry in ZOO.items()}
 
 SPARSITIES = {"mlpnet": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], "resnet20": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 
