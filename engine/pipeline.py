@@ -52,6 +52,12 @@ class BatchNormPlan:
     samples: int = 10000
     augment: str = "none"
 
+    def __post_init__(self) -> None:
+        from .settings import option
+
+        option("bn_samples").check(self.samples, "BatchNormPlan")
+        option("bn_augment").check(self.augment, "BatchNormPlan")
+
     def reestimate(self, model: nn.Module, train: Samples, seed: int, show: bool | None = None) -> int:
         """Recompute every BatchNorm layer's statistics; the number of layers (0: none, nothing done)."""
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):

@@ -323,3 +323,16 @@ def test_gradient_rows_that_cannot_fit_in_memory_are_refused_before_any_work():
     config = PruneConfig(sparsity=0.5, method="woodfisher", fisher_samples=rows)
     with pytest.raises(InvalidOptionError, match="'fisher_samples'.*GiB.*--params"):
         check_prune_inputs(net, ["0.weight"], 10**9, config)
+
+
+def test_prune_model_rejects_unknown_settings_and_bad_batchnorm_settings(user):
+    from engine.pipeline import BatchNormPlan
+
+    net = nn.Sequential(nn.Linear(6, 3))
+    data = (torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    with pytest.raises(InvalidOptionError, match="'nope' argument of prune_model"):
+        prune_model(net, data, sparsity=0.5, nope=1)
+    with pytest.raises(InvalidOptionError, match="'bn_samples'.*>= 1. Got 0"):
+        BatchNormPlan(0)
+    with pytest.raises(InvalidOptionError, match="'bn_augment'.*crop-flip"):
+        BatchNormPlan(10, "mirror")
