@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(pr, PRUNE_OPTIONS)
     pr.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="an advanced setting (e.g. holdout_loss=true, see docs) or a solver parameter (repeatable)")
-    pr.add_argument("--out", type=Path, required=True, help="folder for record.json, mask.pt and model.pt")
+    pr.add_argument("--out", required=True, metavar="DIR",
+                    help="new or empty folder for record.json, mask.pt and model.pt (see --overwrite)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     so = sub.add_parser("solve", help="solve one block problem stored in an .npz file (X, w, lam, k, optional g)")
@@ -206,12 +207,23 @@ def _set_threads(threads: int | None) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     import time
 
+    from .outdir import check_out, locked
+
+    started = time.perf_counter()
+    out = check_out(args.out, "cbs prune", overwrite=bool(args.overwrite))
+    with locked(out, "cbs prune"):  # one run per folder: a second one stops here, exit 2
+        return _prune_in(args, out, started)
+
+
+def _prune_in(args: argparse.Namespace, out: Path, started: float) -> int:
+    """``cbs prune`` once its output folder is checked and held."""
+    import time
+
     from .data import default_data_dir
     from .errors import DataNotFoundError
     from .pipeline import execute, prepare
     from .userspec import ZOO, check_data_against_model, load_data_spec, load_loss_spec, load_model_spec
 
-    started = time.perf_counter()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if (args.model in ZOO and (args.data is None or args.checkpoint is None)) and not data_dir.is_dir():
         raise DataNotFoundError(f"The data folder {data_dir} does not exist. Pass --data-dir (a folder laid out like "
@@ -231,7 +243,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                   loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs, **job)
     sys.stderr.write(f"cbs prune: running {run.chosen}\n")
     try:
-        record = execute(run, out=str(args.out))
+        record = execute(run, out=str(out))
     except CBSError as exc:
         # past validation, a failure is not the user's input: exit 1, with its one-line message
         sys.stderr.write(f"cbs prune: error: {exc}\n")

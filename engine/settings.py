@@ -282,6 +282,7 @@ JOB_OPTIONS: tuple[Option, ...] = (
        "image + flip, padding with the data's own black level) or none; default: crop-flip for image batches",
        choices=("crop-flip", "none"), nullable=True, public=False),
     _S("threads", "int", None, "torch and BLAS threads (default: the machine's cores)", 1, nullable=True),
+    _S("overwrite", "bool", None, "replace a non-empty --out folder (default: refuse it)", nullable=True),
 )
 
 _BY_NAME = {o.name: o for o in PRUNE_OPTIONS + JOB_OPTIONS}

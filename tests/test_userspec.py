@@ -201,7 +201,7 @@ def test_bad_data_exit_2_with_one_line(user, tmp_path, capsys, func, pattern):
 
 def test_model_outside_the_zoo_needs_data(user, tmp_path, capsys):
     path, _, _ = user
-    code, _, err = _run(["prune", "--model", f"{path}:model", "--sparsity", "0.5", "--out", str(tmp_path)], capsys)
+    code, _, err = _run(["prune", "--model", f"{path}:model", "--sparsity", "0.5", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "'--data'" in err and "required" in err
 
 

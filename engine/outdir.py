@@ -1,0 +1,75 @@
+"""The output folder of a run: checked before any work, held by one run at a time, replaced as a whole.
+
+* :func:`check_out` refuses, with exit 2 and the folder's name, what could only fail after the work: an empty
+  path, an existing file, a path under a file, a location that cannot be written, and a non-empty folder the
+  user did not ask to replace (``--overwrite``). It also removes what a killed run left beside the folder
+  (the temporary ``.NAME.new-*`` / ``.NAME.old-*`` folders of :func:`engine.records.write_folder_atomic`).
+* :func:`locked` holds an exclusive lock (``fcntl.flock`` on ``.NAME.lock`` beside the folder) for the whole
+  run, so a second run into the same folder stops at once instead of interleaving its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InvalidOptionError
+
+__all__ = ["check_out", "locked"]
+
+
+def _error(command: str, message: str) -> InvalidOptionError:
+    return InvalidOptionError(f"The '--out' argument of {command} {message}")
+
+
+def check_out(out: str | os.PathLike, command: str, overwrite: bool = False) -> Path:
+    """``out`` as a Path once it is a folder this run can create or replace (see the module docstring)."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise _error(command, "must name a folder. Got ''.")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise _error(command, f"must be a folder. Got '{path}', which is a file.")
+    parent = path.parent
+    for p in [parent, *parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise _error(command, f"must be a folder that can be created. Got '{path}': '{p}' is a file.")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _error(command, f"must be a folder this user can write. Got '{path}' ({exc.strerror or exc}).") \
+            from None
+    for leftover in parent.glob(f".{path.name}.new-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise _error(command, f"must be an empty or new folder, or pass --overwrite to replace it. Got '{path}', "
+                     f"which holds {', '.join(sorted(p.name for p in path.iterdir())[:4])}.")
+    return path
+
+
+@contextlib.contextmanager
+def locked(out: Path, command: str) -> Iterator[None]:
+    """Hold the folder's lock for the ``with`` block; another holder makes this one fail at once."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _error(command, f"is in use by another run. Got '{out}' (locked by {lock}).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
