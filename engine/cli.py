@@ -358,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CBSError as exc:
         sys.stderr.write(f"cbs {args.command}: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"; {out} holds what was complete before (outputs are written as a whole)" if out else ""
+        sys.stderr.write(f"cbs {args.command}: interrupted{where}\n")
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import platform
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import CBSError
 
 __all__ = ["environment", "write_json_atomic", "append_jsonl", "read_jsonl", "to_jsonable", "atomic_write_bytes",
            "write_folder_atomic"]
@@ -105,8 +108,12 @@ def write_folder_atomic(out: str | os.PathLike, files: dict[str, bytes]) -> None
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(out.parent).free
+            raise CBSError(f"No space left to write {out}: {free / 2**20:.1f} MiB free on its device; its previous "
+                           "contents are intact.") from None
         raise
 
 

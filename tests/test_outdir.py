@@ -74,3 +74,44 @@ def test_check_out_and_locked_directly(tmp_path):
                 pass
     with locked(out, "test"):  # released after the block
         pass
+
+
+def test_disk_full_is_one_line_exit_1_and_the_old_folder_stays(tmp_path, shared_data, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "record.json").write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("engine.records.os.fsync", full)
+    assert main(_prune(out, "--data-dir", str(shared_data), "--overwrite")) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(errors) == 1 and "No space left to write" in errors[0] and "MiB free" in errors[0]
+    assert [p.name for p in out.iterdir()] == ["record.json"] and (out / "record.json").read_text() == "old"
+    assert not list(tmp_path.glob(".run.new-*"))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("engine.userspec.load_model_spec", interrupted)
+    assert main(_prune(tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"cbs prune: interrupted; {tmp_path / 'run'} holds what was complete before "
+                                        "(outputs are written as a whole)"]
+
+
+def test_an_unknown_solver_parameter_of_cbs_solve_lists_the_solver_parameters(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "p.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, X=rng.normal(size=(8, 6)), w=rng.normal(size=6), lam=np.float64(0.1), k=np.int64(3))
+    assert main(["solve", str(path), "--solver", "swap", "--param", "foo_bar=3"]) == 2
+    err = capsys.readouterr().err
+    assert "'foo_bar' parameter is not one of solver 'swap''s parameters" in err and len(err.strip().splitlines()) == 1
