@@ -148,6 +148,11 @@ def _load_into(model: nn.Module, path: PathLike, model_name: str) -> None:
         problems.append(f"{len(shapes)} shape mismatch(es) {_abbrev(shapes)}")
     if problems:
         raise CheckpointError(f"Checkpoint '{path}' does not match model '{model_name}': " + "; ".join(problems) + ".")
+    kinds = [f"{k} ({state[k].dtype}, model {v.dtype})" for k, v in expected.items()
+             if v.is_floating_point() and not state[k].is_floating_point()]
+    if kinds:  # an integer tensor where the model holds floats is a wrong file, not weights to round
+        raise CheckpointError(f"Checkpoint '{path}' has non-floating tensors where model '{model_name}' has "
+                              f"floating ones: {_abbrev(kinds)}.")
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"Checkpoint '{path}' has non-finite values in {_abbrev(bad)}.")

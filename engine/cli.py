@@ -302,7 +302,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
             args.time_limit = 60.0
             reason += "; time limit 60 s (--time-limit to change)"
         sys.stderr.write(f"cbs solve: solver {name} ({reason})\n")
-    solver = get_solver(name, **params)
+    try:
+        solver = get_solver(name, **params)
+    except InvalidOptionError as exc:  # the user typed --solver: say so, not the API's 'method'
+        raise InvalidOptionError(str(exc).replace("The 'method' argument", "The '--solver' argument")) from None
     result = solve_block(problem, solver, SolveOptions(time_limit=args.time_limit, seed=args.seed))
     summary = {**result.summary(), "support": result.kept.tolist(), "problem": str(args.problem),
                "n": problem.n, "k": problem.n_keep, "N": problem.n_samples, "lam": problem.damping}

@@ -15,6 +15,7 @@ import gzip
 import importlib.resources
 import io
 import os
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -160,7 +161,7 @@ def load_cifar10(data_dir: PathLike | None = None, split: str = "test") -> Label
     try:
         with np.load(path, allow_pickle=False) as archive:
             data, labels = archive["data"], archive["labels"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CBSError(f"The CIFAR-10 file '{path}' is not an .npz with 'data' and 'labels': {exc}") from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise CBSError(f"The CIFAR-10 file '{path}' has data {data.shape} and labels {labels.shape}; "

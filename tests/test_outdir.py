@@ -115,3 +115,40 @@ def test_an_unknown_solver_parameter_of_cbs_solve_lists_the_solver_parameters(tm
     assert main(["solve", str(path), "--solver", "swap", "--param", "foo_bar=3"]) == 2
     err = capsys.readouterr().err
     assert "'foo_bar' parameter is not one of solver 'swap''s parameters" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_integer_checkpoint_is_refused(tmp_path):
+    import torch
+    from torch import nn
+
+    from engine.errors import CheckpointError
+    from engine.models import load_checkpoint
+
+    net = nn.Linear(3, 2)
+    path = tmp_path / "int.pt"
+    torch.save({k: (v * 100).to(torch.int64) for k, v in net.state_dict().items()}, path)
+    with pytest.raises(CheckpointError, match="non-floating tensors.*weight \\(torch.int64, model torch.float32\\)"):
+        load_checkpoint(nn.Linear(3, 2), path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip archive at all", b"PK\x03\x04 truncated"])
+def test_a_corrupt_cifar_file_is_one_error_naming_it(tmp_path, content):
+    from engine.data import load_cifar10
+    from engine.errors import CBSError
+
+    (tmp_path / "cifar10").mkdir()
+    bad = tmp_path / "cifar10" / "cifar10_test.npz"
+    bad.write_bytes(content)
+    with pytest.raises(CBSError, match="cifar10_test.npz"):
+        load_cifar10(tmp_path, "test")
+
+
+def test_cbs_solve_names_the_solver_flag(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "p.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, X=rng.normal(size=(8, 6)), w=rng.normal(size=6), lam=np.float64(0.1), k=np.int64(3))
+    assert main(["solve", str(path), "--solver", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "The '--solver' argument must be one of" in err and "'method'" not in err
