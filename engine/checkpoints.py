@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, DataNotFoundError
+from .errors import CheckpointError, DataNotFoundError, first_line
 
 __all__ = ["load_state_dict_file", "load_checkpoint"]
 
@@ -72,8 +72,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return dict(load_file(str(path), device="cpu"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"Checkpoint '{path}' could not be read as safetensors ({first_line}).") from None
+        raise CheckpointError(f"Checkpoint '{path}' could not be read as safetensors ({first_line(exc)}).") from None
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -81,10 +80,9 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"Checkpoint '{path}' could not be read as a torch checkpoint with weights_only=True "
-            f"({first_line})."
+            f"({first_line(exc)})."
         ) from exc
     if isinstance(obj, Mapping):
         for entry in ("state_dict", "model_state_dict", "model"):

@@ -236,9 +236,8 @@ def _prune_in(args: argparse.Namespace, out: Path, started: float) -> int:
     loss, loss_name = load_loss_spec(args.loss, user, "loss")
     metric, metric_name = load_loss_spec(args.metric, user, "metric")
     check_data_against_model(user, train, loss, metric)
-    inputs = {"model": args.model, "checkpoint": None if args.checkpoint is None and user.zoo is None else
-              str(args.checkpoint or data_dir / ZOO[user.zoo][0]), "data": data_text, "loss": loss_name,
-              "metric": metric_name, "threads": threads}
+    inputs = {"model": args.model, "checkpoint": None if user.checkpoint is None else str(user.checkpoint),
+              "data": data_text, "loss": loss_name, "metric": metric_name, "threads": threads}
     run = prepare(user.module, train, test, sparsity=args.sparsity, settings=settings, params=args.params,
                   loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs, **job)
     sys.stderr.write(f"cbs prune: running {run.chosen}\n")

@@ -26,6 +26,9 @@ __all__ = [
     "SolverUnavailableError",
     "SolverError",
     "invalid_option",
+    "first_line",
+    "one_line",
+    "describe_value",
 ]
 
 
@@ -56,3 +59,29 @@ def invalid_option(argument: str, where: str, allowed: str, got: Any) -> Invalid
     "The 'sparsity' argument of prune() must be in [0, 1). Got 1.5."
     """
     return invalid_argument(InvalidOptionError, argument, where, allowed, got)  # type: ignore[return-value]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type's name (third-party messages can run
+    to pages; ours show one line)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (just ``Type`` when it has no message)."""
+    text = first_line(exc)
+    return type(exc).__name__ if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
+
+
+def describe_value(value: Any) -> str:
+    """A value in a message: "a tensor of shape (2, 3)", "a tuple of 3", "a int"."""
+    import torch  # here, so that the error classes import without it
+
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CBSError, CheckpointError, DataNotFoundError, invalid_option
+from .errors import CBSError, CheckpointError, DataNotFoundError, first_line, invalid_option
 
 __all__ = [
     "ExtraNotInstalledError",
@@ -60,20 +60,12 @@ class ExtraNotInstalledError(CBSError, ImportError):
     which extra to install."""
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (third-party messages can run to pages)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
-
-
 def _import_transformers(where: str) -> Any:
     try:
         import transformers
     except ImportError as exc:
         raise ExtraNotInstalledError(
-            f"{where} needs the 'transformers' package, which cannot be imported ({_first_line(exc)}). "
+            f"{where} needs the 'transformers' package, which cannot be imported ({first_line(exc)}). "
             "Install it with: pip install 'cbs-prune[hf]'"
         ) from None
     return transformers
@@ -148,7 +140,7 @@ def load_hf_causal_lm(path: PathLike, attn_implementation: str | None = "eager")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
         # OSError: weights missing; ValueError/KeyError: a config transformers does not know or not a causal LM
         raise CheckpointError(
-            f"transformers cannot load a causal LM from '{folder}': {type(exc).__name__}: {_first_line(exc)}"
+            f"transformers cannot load a causal LM from '{folder}': {type(exc).__name__}: {first_line(exc)}"
         ) from None
     return CausalLMLogits(model.float()).eval()
 
@@ -213,7 +205,7 @@ def load_timm_model(name: str, **kwargs: Any) -> nn.Module:
     except Exception as exc:  # a torchvision built for another torch fails with RuntimeError/OSError, not ImportError
         raise ExtraNotInstalledError(
             f"{where} needs the 'timm' package, which cannot be imported ({type(exc).__name__}: "
-            f"{_first_line(exc)}). Install it with: pip install 'cbs-prune[timm]' "
+            f"{first_line(exc)}). Install it with: pip install 'cbs-prune[timm]' "
             "(timm needs torchvision, built for the installed torch)"
         ) from None
     if not timm.is_model(name):

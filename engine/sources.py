@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from .errors import CBSError, InvalidOptionError, invalid_option
+from .errors import CBSError, InvalidOptionError, describe_value, invalid_option, one_line
 
 __all__ = ["Samples", "Drawn", "as_samples"]
 
@@ -113,7 +113,7 @@ class Samples:
         try:
             batch = self.collate(items)
         except Exception as exc:  # noqa: BLE001 - a user's data: say what went wrong in one line
-            raise CBSError(f"The {self.name} data could not be batched: {_one_line(exc)}") from None
+            raise CBSError(f"The {self.name} data could not be batched: {one_line(exc)}") from None
         return _pair(batch, self.name)
 
     def _stream_items(self, count: int) -> list:
@@ -182,27 +182,14 @@ def _pair(batch: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise invalid_option(name, "the data function", "(input, target) pairs", "dicts (keys "
                              f"{', '.join(map(str, list(batch)[:4]))})")
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise invalid_option(name, "the data function", "(input, target) pairs", _kind(batch))
+        raise invalid_option(name, "the data function", "(input, target) pairs", describe_value(batch))
     x, y = batch
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise invalid_option(name, "the data function", "(input, target) pairs of tensors or numbers",
-                             f"({_kind(x)}, {_kind(y)})")
+                             f"({describe_value(x)}, {describe_value(y)})")
     return x, y
 
 
 def _check_pair(item: Any, name: str) -> None:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise InvalidOptionError(f"The '{name}' data must yield (input, target) pairs. Got {_kind(item)}.")
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}"
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+        raise InvalidOptionError(f"The '{name}' data must yield (input, target) pairs. Got {describe_value(item)}.")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import models as _models
-from .errors import CBSError, InvalidOptionError
+from .errors import CBSError, InvalidOptionError, describe_value, one_line
 from .losses import cross_entropy, top1_accuracy
 from .sources import Samples
 
@@ -42,11 +42,6 @@ WHERE = "cbs prune"
 
 def _error(argument: str, message: str) -> InvalidOptionError:
     return InvalidOptionError(f"The '--{argument}' argument of {WHERE}: {message}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_function(spec: str, argument: str) -> Callable:
@@ -67,14 +62,14 @@ def load_function(spec: str, argument: str) -> Callable:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's file: one line, no traceback
-            raise _error(argument, f"importing {str(path)!r} raised {_one_line(exc)}") from None
+            raise _error(argument, f"importing {str(path)!r} raised {one_line(exc)}") from None
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
         try:
             module = importlib.import_module(where)
         except Exception as exc:  # noqa: BLE001
-            raise _error(argument, f"cannot import module {where!r} ({_one_line(exc)}).") from None
+            raise _error(argument, f"cannot import module {where!r} ({one_line(exc)}).") from None
     fn = getattr(module, name, None)
     if fn is None:
         raise _error(argument, f"{where!r} has no function {name!r}.")
@@ -89,7 +84,7 @@ def call_function(spec: str, argument: str) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001
-        raise _error(argument, f"{spec} raised {_one_line(exc)}") from None
+        raise _error(argument, f"{spec} raised {one_line(exc)}") from None
 
 
 @dataclass
@@ -100,6 +95,7 @@ class UserModel:
     spec: str
     kind: str  # "zoo", "function", "hf", "timm"
     zoo: str | None = None
+    checkpoint: Path | None = None  # the file loaded into it (a zoo model's shared one by default)
     loss: Callable = cross_entropy
     metric: Callable = top1_accuracy
     loss_name: str = "cross_entropy"
@@ -121,7 +117,7 @@ def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) ->
         if not path.is_file():
             raise _error("checkpoint", f"the checkpoint {str(path)!r} does not exist"
                          + ("." if checkpoint is not None else " (pass --checkpoint or --data-dir)."))
-        return UserModel(models.load_model(spec, path), spec, "zoo", zoo=spec)
+        return UserModel(models.load_model(spec, path), spec, "zoo", zoo=spec, checkpoint=path)
     if spec.startswith("hf:"):
         module = hub.load_hf_causal_lm(spec[3:])
         user = UserModel(module, spec, "hf", loss=hub.token_cross_entropy, metric=hub.token_accuracy,
@@ -137,6 +133,7 @@ def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) ->
         if not Path(checkpoint).is_file():
             raise _error("checkpoint", f"the file {str(checkpoint)!r} does not exist.")
         models.load_checkpoint(user.module, checkpoint, spec)
+        user.checkpoint = Path(checkpoint)
     user.module.eval()
     return user
 
@@ -152,7 +149,7 @@ def load_data_spec(spec: str | None, model: UserModel, data_dir: Path) -> tuple[
         return Samples(tuple(train), "train"), Samples(tuple(test), "test"), f"{ZOO[model.zoo][1]} in {data_dir}"
     out = call_function(spec, "data")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise _error("data", f"{spec} must return (train, test). Got {_describe(out)}.")
+        raise _error("data", f"{spec} must return (train, test). Got {describe_value(out)}.")
     try:
         train = Samples(out[0], "train")
         test = None if out[1] is None else Samples(out[1], "test")
@@ -181,10 +178,10 @@ def check_data_against_model(model: UserModel, train: Samples, loss: Callable, m
             out = model.module(x)
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's data
         raise _error("data", f"the model cannot take the training inputs of shape {tuple(x.shape)}: "
-                     f"{_one_line(exc)}") from None
+                     f"{one_line(exc)}") from None
     if not isinstance(out, torch.Tensor):
         raise _error("model", f"the model must return a tensor of outputs. Got a {type(out).__name__}.")
-    if loss in (cross_entropy,) and not (y.dtype.is_floating_point or y.dtype == torch.bool):
+    if loss is cross_entropy and not (y.dtype.is_floating_point or y.dtype == torch.bool):
         classes = out.shape[-1]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
             raise _error("data", f"targets must be class indices in [0, {classes - 1}] for a model with {classes} "
@@ -193,16 +190,8 @@ def check_data_against_model(model: UserModel, train: Samples, loss: Callable, m
         value = loss(out, y)
         score = float(metric(out, y))
     except Exception as exc:  # noqa: BLE001
-        raise _error("loss", f"the loss or metric failed on a batch of the data: {_one_line(exc)}") from None
+        raise _error("loss", f"the loss or metric failed on a batch of the data: {one_line(exc)}") from None
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise _error("loss", f"must return a scalar tensor. Got {_describe(value)}.")
+        raise _error("loss", f"must return a scalar tensor. Got {describe_value(value)}.")
     if not torch.isfinite(value).all() or score != score:
         raise _error("loss", "the loss or metric is not finite on the first training samples.")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}"
-    return f"a {type(value).__name__}"

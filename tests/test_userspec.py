@@ -4,6 +4,7 @@ every good form loads, every bad form is one clear error (exit 2) before any wor
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -179,10 +180,15 @@ def test_data_are_streamed_not_materialised(user, monkeypatch):
     ("no_such_package.mod:fn", r"'--model'.*cannot import module 'no_such_package.mod'"),
 ])
 def test_bad_model_specs_exit_2_with_one_line(user, tmp_path, capsys, spec, pattern):
-    path, ckpt, _ = user
-    code, _, err = _run(["prune", "--model", spec.format(path=path), "--data", f"{path}:data", "--sparsity", "0.5",
-                         "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and __import__("re").search(pattern, err), err
+    path, _, _ = user
+    _refused(spec.format(path=path), f"{path}:data", pattern, tmp_path, capsys)
+
+
+def _refused(model, data, pattern, tmp_path, capsys):
+    """cbs prune with these specs exits 2 with one line matching ``pattern`` and writes nothing."""
+    code, _, err = _run(["prune", "--model", model, "--data", data, "--sparsity", "0.5", "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
     assert not (tmp_path / "o").exists()
 
 
@@ -193,10 +199,8 @@ def test_bad_model_specs_exit_2_with_one_line(user, tmp_path, capsys, spec, patt
     ("raises", r"raised ValueError"),
 ])
 def test_bad_data_exit_2_with_one_line(user, tmp_path, capsys, func, pattern):
-    path, ckpt, _ = user
-    code, _, err = _run(["prune", "--model", f"{path}:model", "--data", f"{path}:{func}", "--sparsity", "0.5",
-                         "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and __import__("re").search(pattern, err), err
+    path, _, _ = user
+    _refused(f"{path}:model", f"{path}:{func}", pattern, tmp_path, capsys)
 
 
 def test_model_outside_the_zoo_needs_data(user, tmp_path, capsys):
