@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CBSError, InvalidOptionError
+from .errors import CBSError, InvalidOptionError, RunError
 
 __all__ = ["main", "build_parser", "parse_value", "number_type", "SPARSITY", "POSITIVE_INT", "NONNEG_INT", "POSITIVE"]
 
@@ -75,7 +75,7 @@ class _Parser(argparse.ArgumentParser):
     one line without the usage (``--help`` shows that)."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="prune a small MLP trained on the bundled digits with every method (no download)")
-    demo.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for the table, record and plot")
+    demo.add_argument("--out", metavar="DIR", default="results/demo", help="folder for the table, record and plot")
     demo.add_argument("--sparsities", type=SPARSITY, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     demo.add_argument("--methods", nargs="+", default=None, help="methods (default: every built-in heuristic)")
     demo.add_argument("--seed", type=NONNEG_INT, default=0)
     demo.add_argument("--epochs", type=POSITIVE_INT, default=200, help="full-batch training epochs of the small MLP")
     demo.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch and BLAS threads (default: the cores)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --out that is not a previous demo's (a previous demo's is replaced)")
 
     from .settings import JOB_OPTIONS, PRUNE_OPTIONS, add_flags
 
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--damping", type=POSITIVE, default=1e-3)
     ex.add_argument("--max-blocks", type=POSITIVE_INT, default=None, help="export at most this many blocks")
     ex.add_argument("--seed", type=NONNEG_INT, default=0)
-    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the .npz files and index.json")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch and BLAS threads (default: the cores)")
 
     sv = sub.add_parser("solvers", help="list the solvers: exact?, bound?, available?, what to install")
@@ -331,6 +334,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model_name=args.model, checkpoint=args.checkpoint, data_dir=args.data_dir, out=args.out, params=args.params,
         block_mode=args.block_mode, block_size=args.block_size, sparsity=args.sparsity,
         fisher_samples=args.fisher_samples, damping=args.damping, max_blocks=args.max_blocks, seed=args.seed,
+        overwrite=args.overwrite, where="cbs export-blocks",
     )
     sys.stdout.write(f"wrote {len(paths)} problems to {args.out}\n")
     return 0
@@ -341,9 +345,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     table, paths = run_demo(out=args.out, sparsities=args.sparsities, methods=args.methods, seed=args.seed,
-                            epochs=args.epochs)
+                            epochs=args.epochs, overwrite=args.overwrite, where="cbs demo")
     sys.stdout.write(table + "\n" + "\n".join(f"wrote {p}" for p in paths) + "\n")
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escape codes among them, e.g. from a file name or a value the
+    user gave) shown escaped, so a message is one plain line on any terminal or log."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+class _PlainFormatter(logging.Formatter):
+    """Log lines with control characters escaped (see :func:`printable`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,17 +369,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on a bad argument
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PlainFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo, "solve": _cmd_solve,
                 "export-blocks": _cmd_export, "train": cmd_train}
     try:
         return handlers[args.command](args)
-    except CBSError as exc:
-        sys.stderr.write(f"cbs {args.command}: error: {exc}\n")
-        return 2
+    except CBSError as exc:  # a bad input: exit 2; a failure past the checks (RunError): exit 1
+        sys.stderr.write(f"cbs {args.command}: error: {printable(str(exc))}\n")
+        return 1 if isinstance(exc, RunError) else 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         where = f"; {out} holds what was complete before (outputs are written as a whole)" if out else ""
+        if out and args.command == "train":
+            where = f"; {out} holds the last complete epoch, if any (continue it with --resume)"
         sys.stderr.write(f"cbs {args.command}: interrupted{where}\n")
         return 130
 

@@ -123,6 +123,18 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
+def check_labels(labels: np.ndarray | torch.Tensor, classes: int, source: str) -> None:
+    """Every label is a class index in [0, classes - 1]; else one error naming ``source`` (the file), the first
+    bad row and its value. Checked at load time: a bad label otherwise fails deep in the loss (or, worse,
+    indexes a wrong class silently)."""
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    bad = np.flatnonzero((values < 0) | (values >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise CBSError(f"The labels of {source} must be class indices in [0, {classes - 1}]. Got {values[i].item()} "
+                       f"at index {i} ({bad.size} out of range in all).")
+
+
 def load_mnist(data_dir: PathLike | None = None, split: str = "test") -> LabelledData:
     """MNIST from ``<data_dir>/mnist/*-ubyte.gz``.
 
@@ -141,6 +153,7 @@ def load_mnist(data_dir: PathLike | None = None, split: str = "test") -> Labelle
     if images.shape[0] != labels.shape[0]:
         raise CBSError(f"MNIST {split} files in '{folder}' disagree: {images.shape[0]} images, "
                        f"{labels.shape[0]} labels.")
+    check_labels(labels, 10, f"the MNIST file '{folder / label_name}'")
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     return LabelledData(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
@@ -166,6 +179,9 @@ def load_cifar10(data_dir: PathLike | None = None, split: str = "test") -> Label
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise CBSError(f"The CIFAR-10 file '{path}' has data {data.shape} and labels {labels.shape}; "
                        "expected (N, 3072) and (N,).")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CBSError(f"The CIFAR-10 file '{path}' has labels of type {labels.dtype}; expected integers.")
+    check_labels(labels, 10, f"the CIFAR-10 file '{path}'")
     # The rows are in the official layout: 1024 R, then 1024 G, then 1024 B values, row-major.
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32))
     x = x.div_(255.0).sub_(CIFAR10_MEAN).div_(CIFAR10_STD)

@@ -31,7 +31,8 @@ from .evaluate import evaluate
 from .models import prunable_parameters, small_mlp
 from .progress import get_logger, progress
 from .pruner import PruneConfig, prune
-from .records import append_jsonl, atomic_write_bytes, environment, write_json_atomic
+from .outdir import check_out, locked
+from .records import append_jsonl, atomic_write_bytes, environment, staged_folder, write_json_atomic
 
 __all__ = ["run_demo", "train_small_mlp", "DEMO_METHODS", "exact_vs_heuristic"]
 
@@ -49,6 +50,8 @@ DEMO_METHODS = (
 )
 
 #: heuristics compared with the proven optimum on small blocks
+#: what a demo writes into its folder; a folder holding only these is a previous demo's and is replaced
+DEMO_FILES = ("table.md", "records.jsonl", "record.json", "demo.png")
 GAP_METHODS = ("magnitude", "woodfisher", "greedy", "swap")
 
 
@@ -110,10 +113,13 @@ def run_demo(
     seed: int = 0,
     epochs: int = 200,
     show_progress: bool | None = None,
+    overwrite: bool = False,
+    where: str | None = None,
 ) -> tuple[str, list[Path]]:
-    """Run the demo; returns (markdown tables, written paths)."""
-    from .pipeline import execute, prepare
+    """Run the demo; returns (markdown tables, written paths).
 
+    ``out`` must be new, empty, or hold only a previous demo's files (:data:`DEMO_FILES`), which are replaced
+    as a whole at the end; anything else needs ``overwrite``. ``where`` names the caller in messages."""
     known = [m[0] for m in DEMO_METHODS]
     chosen = [m for m in DEMO_METHODS if methods is None or m[0] in methods]
     unknown = [m for m in (methods or []) if m not in known]
@@ -122,7 +128,16 @@ def run_demo(
     for s in sparsities:
         if not 0 <= s < 1:
             raise invalid_option("sparsities", "run_demo()", "numbers in [0, 1)", s)
-    out = Path(out)
+    out = check_out(out, "run_demo()" if where is None else where, overwrite=overwrite, owned=DEMO_FILES)
+    with locked(out, where or "run_demo()"), staged_folder(out) as stage:  # the folder changes as a whole
+        table = _run(stage, chosen, sparsities, seed, epochs, show_progress)
+    paths = [out / name for name in DEMO_FILES if (out / name).exists()]
+    return table, paths
+
+
+def _run(out: Path, chosen: list, sparsities, seed: int, epochs: int, show_progress: bool | None) -> str:
+    from .pipeline import execute, prepare
+
     model, train_seconds = train_small_mlp(epochs=epochs, seed=seed)
     x_train, y_train = load_digits("train", seed=seed)
     x_test, y_test = load_digits("test", seed=seed)
@@ -130,8 +145,6 @@ def run_demo(
     names = [n for n, _ in prunable_parameters(model)]
     rows = []
     records = out / "records.jsonl"
-    if records.exists():
-        records.unlink()
     jobs = [(m, s) for m in chosen for s in sparsities]
     recommendation = ""
     for (label, method, update), sparsity in progress(jobs, total=len(jobs), desc="demo", enabled=show_progress):
@@ -165,15 +178,13 @@ def run_demo(
         "sparsities": list(sparsities), "recommendation": recommendation, "rows": rows,
         "exact_vs_heuristic": gap_rows, "environment": environment(),
     })
-    paths = [out / "table.md", records, out / "record.json"]
     from .plots import accuracy_plot, plots_available
 
     if plots_available():
         accuracy_plot(rows, out / "demo.png", "One-shot pruning of a 64-64-32-10 MLP on 8x8 digits", dense=dense_acc)
-        paths.append(out / "demo.png")
     else:
         log.warning("no plot: matplotlib is not installed (pip install 'cbs-prune[plots]')")
-    return table, paths
+    return table
 
 
 def _tables(rows, chosen, sparsities, dense_acc, train_seconds, recommendation, gap_rows) -> str:

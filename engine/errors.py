@@ -28,6 +28,7 @@ __all__ = [
     "invalid_option",
     "first_line",
     "one_line",
+    "RunError",
     "describe_value",
 ]
 
@@ -48,8 +49,13 @@ class SolverUnavailableError(CBSError, ImportError):
     """A solver needs an optional package that is not installed; the message names the extra."""
 
 
-class SolverError(CBSError, RuntimeError):
-    """A solver returned an answer that fails the engine's checks (DESIGN.md §3)."""
+class RunError(CBSError):
+    """A failure after every input was accepted (a full disk, a solver that fails or lies): not the user's
+    input, so the CLI exits 1 (not 2) with its one-line message."""
+
+
+class SolverError(RunError, RuntimeError):
+    """A solver failed or returned an answer that fails the engine's checks (DESIGN.md §3)."""
 
 
 def invalid_option(argument: str, where: str, allowed: str, got: Any) -> InvalidOptionError:

@@ -23,11 +23,23 @@ __all__ = ["check_out", "locked"]
 
 
 def _error(command: str, message: str) -> InvalidOptionError:
-    return InvalidOptionError(f"The '--out' argument of {command} {message}")
+    arg = "out" if command.endswith(")") else "--out"  # the API's keyword or the CLI's flag
+    return InvalidOptionError(f"The '{arg}' argument of {command} {message}")
 
 
-def check_out(out: str | os.PathLike, command: str, overwrite: bool = False) -> Path:
-    """``out`` as a Path once it is a folder this run can create or replace (see the module docstring)."""
+def check_out(out: str | os.PathLike, command: str, overwrite: bool = False, resume: bool = False,
+              marker: str | None = None, owned: tuple[str, ...] = ()) -> Path:
+    """``out`` as a Path once it is a folder this run can create or replace (see the module docstring).
+
+    A command that can resume (``marker``: the file its unfinished runs hold, e.g. ``checkpoint.pt``)
+    accepts a non-empty folder with ``resume=True`` only when it holds that file, and refuses a folder that
+    holds it without ``resume`` (continue it or replace it, never mix). ``resume`` into a new or empty folder
+    starts afresh. A folder that holds only ``owned`` names (the files a previous run of the same command
+    writes, e.g. ``cbs demo``'s) is that command's output and is replaced without ``overwrite``.
+    """
+    flag = "resume" if command.endswith(")") else "--resume"
+    if resume and overwrite:
+        raise _error(command, f"cannot be both resumed and replaced: pass {flag} or overwrite, not both.")
     text = os.fspath(out)
     if not text.strip():
         raise _error(command, "must name a folder. Got ''.")
@@ -52,10 +64,26 @@ def check_out(out: str | os.PathLike, command: str, overwrite: bool = False) -> 
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in parent.glob(f".{path.name}.old-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise _error(command, f"must be an empty or new folder, or pass --overwrite to replace it. Got '{path}', "
-                     f"which holds {', '.join(sorted(p.name for p in path.iterdir())[:4])}.")
+    ours = bool(owned) and path.is_dir() and all(p.name in owned for p in path.iterdir())
+    if path.is_dir() and any(path.iterdir()) and not overwrite and not ours:
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:4])
+        opt = "overwrite" if command.endswith(")") else "--overwrite"
+        if marker is not None and (path / marker).is_file():
+            if not resume:
+                raise _error(command, f"holds a run ({marker}): pass {flag} to continue it with the same settings, "
+                             f"or {opt} to replace it. Got '{path}'.")
+        elif resume:
+            raise _error(command, f"must hold a run of {command} to resume ({marker or 'its files'}), or be new or "
+                         f"empty. Got '{path}', which holds {held}; pass {opt} to replace it.")
+        else:
+            raise _error(command, f"must be an empty or new folder, or pass {opt} to replace it. Got '{path}', "
+                         f"which holds {held}.")
     return path
+
+
+#: locks this process holds (lock file → depth): a nested ``locked`` of the same folder (the CLI, then the
+#: API function it calls) is the same run, and flock would refuse a second descriptor even in one process
+_HELD: dict[str, int] = {}
 
 
 @contextlib.contextmanager
@@ -64,12 +92,22 @@ def locked(out: Path, command: str) -> Iterator[None]:
     import fcntl
 
     lock = out.parent / f".{out.name}.lock"
+    key = os.path.realpath(lock)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     with open(lock, "a+") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise _error(command, f"is in use by another run. Got '{out}' (locked by {lock}).") from None
+        _HELD[key] = 1
         try:
             yield
         finally:
+            _HELD.pop(key, None)
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -171,7 +171,8 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
     config = PruneConfig(sparsity=sparsity, **{**rec, **settings})
     check_prune_inputs(model, names, len(train), config, transposed)
     bn = BatchNormPlan(bn_samples, bn_augment or rec_augment) if bn_reestimate else None
-    chosen = describe({**config.to_dict(), "bn_reestimate": bool(bn_reestimate)})
+    chosen = describe({**config.to_dict(), "bn_reestimate": bool(bn_reestimate)},
+                      given={k: getattr(config, k) for k in settings})
     info = {**(describe_inputs or {}), "profile": as_dict(profile), "parameters": names,
             "transposed_parameters": sorted(transposed),
             "bn_reestimate": bool(bn_reestimate), "bn_augment": None if bn is None else bn.augment,

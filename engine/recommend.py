@@ -153,8 +153,29 @@ _SWITCHES = ("update", "first_order", "step_search", "loss_samples")
 _ADVANCED = ("step_search_bn", "holdout_loss", "couple_mean", "newton_step_only", "block_steps", "relative_damping")
 
 
-def describe(settings: dict[str, Any]) -> str:
-    """One line for the log: settings in flag form (advanced ones as ``--param NAME=true``)."""
+_DESCRIBED = frozenset(("method", "fisher_samples", "fisher_batch", "damping", "block_mode", "stages", "schedule",
+                        "allocation", "compensate", "bn_reestimate", "progress", *_SWITCHES, *_ADVANCED))
+
+
+def _flag_form(name: str, value: Any) -> list[str]:
+    """``name=value`` as the flags that set it (``--param NAME=VALUE`` for the advanced ones)."""
+    from .settings import PRUNE_OPTIONS
+
+    if name == "solver_params":
+        return [f"--param {k}={v}" for k, v in (value or {}).items()]
+    option = next((o for o in PRUNE_OPTIONS if o.name == name), None)
+    shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else getattr(value, "name", value)
+    if option is None or not option.public:
+        return [f"--param {name}={shown}"]
+    if option.kind == "bool":
+        return [option.flag] if value else []
+    return [f"{option.flag} {shown}"]
+
+
+def describe(settings: dict[str, Any], given: dict[str, Any] | None = None) -> str:
+    """One line for the log: settings in flag form (advanced ones as ``--param NAME=true``), then the user's
+    other settings (``given``: what the user set that the line's fixed part does not show, e.g. ``--seed``,
+    ``--time-limit``, solver parameters), so the line is the run's whole configuration."""
     flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
              f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
              f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
@@ -174,6 +195,9 @@ def describe(settings: dict[str, Any]) -> str:
         flags.append(f"--param compensate={comp if isinstance(comp, str) else ','.join(comp)}")
     if "bn_reestimate" in settings:
         flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
+    for name, value in (given or {}).items():
+        if name not in _DESCRIBED and value is not None:
+            flags += _flag_form(name, value)
     return " ".join(flags)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import json
@@ -11,14 +12,14 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import CBSError
+from .errors import RunError
 
 __all__ = ["environment", "write_json_atomic", "append_jsonl", "read_jsonl", "to_jsonable", "atomic_write_bytes",
-           "write_folder_atomic"]
+           "write_folder_atomic", "staged_folder"]
 
 _PACKAGES = ("cbs-prune", "torch", "numpy", "scipy", "highspy", "pyomo", "cvxpy", "pyscipopt", "gurobipy")
 
@@ -83,22 +84,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_folder_atomic(out: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Write ``files`` ({name: bytes}) as the whole content of folder ``out``, all at once: they are written
-    into a temporary folder beside it, which then replaces ``out`` by renames, so a reader sees the old folder
-    or the new one, never a mix. Files are readable by the group (0644)."""
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Build the whole new content of folder ``out`` in the yielded temporary folder beside it; when the
+    ``with`` block ends normally, the temporary folder replaces ``out`` by renames, so a reader sees the old
+    folder or the new one, never a mix. On an error (or Ctrl-C) the temporary folder is removed and ``out``
+    is untouched; a full disk is one :class:`~engine.errors.RunError` naming the folder and the free space. A killed run's
+    leftovers (``.NAME.new-*``) are removed by :func:`engine.outdir.check_out` of the next run."""
     import shutil
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp / name, 0o644)
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(path, 0o644)  # mkstemp/mkdtemp make things private; a result is for the group to read
         os.chmod(tmp, 0o755)
         old = None
         if out.exists():
@@ -112,9 +116,17 @@ def write_folder_atomic(out: str | os.PathLike, files: dict[str, bytes]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(out.parent).free
-            raise CBSError(f"No space left to write {out}: {free / 2**20:.1f} MiB free on its device; its previous "
+            raise RunError(f"No space left to write {out}: {free / 2**20:.1f} MiB free on its device; its previous "
                            "contents are intact.") from None
         raise
+
+
+def write_folder_atomic(out: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write ``files`` ({name: bytes}) as the whole content of folder ``out``, all at once (see
+    :func:`staged_folder`). Files are readable by the group (0644)."""
+    with staged_folder(out) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def write_json_atomic(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -256,4 +256,7 @@ def load_mask_file(path: PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
         if name in out:
             raise CheckpointError(f"The mask file '{path}' has two masks for parameter {name!r}.")
         out[name] = value.bool().clone()
+    if not any(bool(m.any()) for m in out.values()):
+        raise CheckpointError(f"The mask file '{path}' prunes every weight it covers (sparsity 1); a mask must keep "
+                              "at least one weight, as --sparsity must be below 1.")
     return out

@@ -12,10 +12,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import invalid_option
 
+if TYPE_CHECKING:
+    from .train_config import TrainConfig
+
 __all__ = ["add_train_parser", "cmd_train", "MODEL_DEFAULTS"]
+
+
+def _sha1(path: Path) -> str:
+    """The content hash of a checkpoint (a resumed run must fine-tune / rank the same weights)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 #: SGD defaults per model (lr, weight decay, batch size), used when the flags are not given.
 MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
@@ -48,7 +63,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     tr.add_argument("--preset", choices=PRUNABLE_PRESETS, default="default",
                     help="weights a generated mask covers: default (all conv/linear), cbs or chita (ResNet20)")
     tr.add_argument("--mask-samples", type=POSITIVE_INT, default=1000,
-                    help="training samples scored by snip/grasp")
+                    help="training samples scored by snip/grasp (at most the training set's size)")
     tr.add_argument("--synflow-rounds", type=POSITIVE_INT, default=100)
     tr.add_argument("--recipe", choices=RECIPES, default="plain",
                     help="plain: SGD + cosine; tost: all four techniques on (each can be switched below)")
@@ -77,8 +92,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     tr.add_argument("--no-augment", action="store_true", help="ResNet20: no pad-crop-flip augmentation")
     tr.add_argument("--seed", type=NONNEG_INT, default=0)
     tr.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (default: torch's)")
-    tr.add_argument("--out", type=Path, required=True, help="folder for record.json, model.pt, checkpoint.pt")
-    tr.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    tr.add_argument("--out", required=True, metavar="DIR", help="folder for record.json, model.pt, checkpoint.pt")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --out (its settings must be the ones it started with)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (e.g. a finished run)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     return tr
 
@@ -87,10 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``cbs train``: validate everything, build the mask, train, print a summary."""
     import torch
 
-    from .data import dataset_for_model
-    from .models import build_model, load_model, prunable_parameters
-    from .sparse_masks import MASK_SOURCES, load_mask_file, make_mask, mask_sparsity
-    from .training import TrainConfig, train
+    from .sparse_masks import MASK_SOURCES
+    from .training import TrainConfig
 
     where = "cbs train"
     if args.threads is not None:
@@ -121,18 +136,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.ghost_epochs is not None and args.ghost_epochs > args.epochs:
         raise invalid_option("--ghost-epochs", where, f"an integer in [1, --epochs = {args.epochs}]", args.ghost_epochs)
     config = TrainConfig.recipe(args.recipe, **overrides)  # every remaining range check, before any work
-    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
-        raise invalid_option("--out", where, "a folder without a previous run (or pass --resume)",
-                             f"'{args.out}' (it holds checkpoint.pt)")
+    from .outdir import check_out, locked
 
-    checkpoint = args.checkpoint
-    if checkpoint is None and args.data_dir is not None:
-        from .models import DEFAULT_CHECKPOINTS
+    out = check_out(args.out, where, overwrite=args.overwrite, resume=args.resume, marker="checkpoint.pt")
+    with locked(out, where):  # taken again (re-entrantly, same process) by train(); here it covers the set-up
+        return _train_in(args, out, config, is_file)
 
-        checkpoint = Path(args.data_dir) / DEFAULT_CHECKPOINTS[args.model]
+
+def _train_in(args: argparse.Namespace, out: Path, config: TrainConfig, is_file: bool) -> int:
+    import torch
+
+    from .data import dataset_for_model, default_data_dir
+    from .models import DEFAULT_CHECKPOINTS, build_model, load_model, prunable_parameters
+    from .sparse_masks import load_mask_file, make_mask, mask_sparsity
+    from .training import train
+
+    where = "cbs train"
+    data_dir = Path(args.data_dir) if args.data_dir is not None else default_data_dir()
+    checkpoint = Path(args.checkpoint) if args.checkpoint is not None else data_dir / DEFAULT_CHECKPOINTS[args.model]
+    uses_checkpoint = args.init == "checkpoint" or args.mask == "magnitude"
     model = build_model(args.model, seed=args.seed) if args.init == "reinit" else load_model(args.model, checkpoint)
     x_train, y_train = dataset_for_model(args.model, args.data_dir, "train")
     x_test, y_test = dataset_for_model(args.model, args.data_dir, "test")
+    if not is_file and args.mask in ("snip", "grasp") and args.mask_samples > x_train.shape[0]:
+        raise invalid_option("--mask-samples", where, f"an integer in [1, {x_train.shape[0]}] (the training set's "
+                             "size)", args.mask_samples)
 
     if is_file:
         masks = load_mask_file(args.mask, model)
@@ -149,11 +177,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         masks = make_mask(scored, names, args.mask, args.sparsity, scope=args.scope, images=x_train[rows],
                           labels=y_train[rows], seed=args.seed, synflow_rounds=args.synflow_rounds)
         source = args.mask
+    # every setting that shapes the result: a resumed run must match them (train() compares them)
     meta = {"model": args.model, "mask_source": source, "sparsity": args.sparsity, "scope": args.scope,
             "preset": args.preset if not is_file else None, "recipe": args.recipe, "init": args.init,
+            "data_dir": str(data_dir.resolve()),
+            "checkpoint": str(checkpoint.resolve()) if uses_checkpoint else None,
+            "checkpoint_sha1": _sha1(checkpoint) if uses_checkpoint else None,
             "command": "cbs " + " ".join(sys.argv[1:]) if sys.argv else None}
-    record = train(model, masks, (x_train, y_train), (x_test, y_test), config, out=args.out, resume=args.resume,
-                   show_progress=False if args.no_progress else None, metadata=meta)
+    record = train(model, masks, (x_train, y_train), (x_test, y_test), config, out=out, resume=args.resume,
+                   overwrite=args.overwrite, show_progress=False if args.no_progress else None, metadata=meta)
     accs = " ".join(f"{h['test_accuracy']:.2f}" for h in record["history"])
     sys.stdout.write(
         f"model {args.model}  mask {source}  recipe {args.recipe} ({', '.join(config.techniques) or 'none'})  "

@@ -29,6 +29,7 @@ uninterrupted one bit for bit (on the same machine and thread count).
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from dataclasses import asdict
@@ -44,7 +45,7 @@ from .errors import CheckpointError, invalid_option
 from .evaluate import evaluate
 from .ghost import GhostSkip, SoftNeurons, anneal_progress
 from .progress import get_logger, progress
-from .records import atomic_write_bytes, environment, write_json_atomic
+from .records import environment, to_jsonable, write_folder_atomic
 from .train_config import RECIPES, TrainConfig, with_overrides
 
 __all__ = ["RECIPES", "TrainConfig", "train", "rescale_init", "apply_masks", "count_parameters", "with_overrides"]
@@ -70,6 +71,13 @@ def _check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], where: str
             raise invalid_option("masks", where, f"a tensor of shape {tuple(params[name].shape)} for {name!r}",
                                  tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__)
         out[name] = mask.to(device=params[name].device, dtype=torch.bool)
+    if not any(bool(m.any()) for m in out.values()):
+        raise invalid_option("masks", where, "masks that keep at least one weight (sparsity below 1)",
+                             "masks that prune every weight")
+    empty = [name for name, m in out.items() if not bool(m.any())]
+    if empty:  # the layer's output is then its bias alone: the network may not be able to learn at all
+        _log.warning("the mask prunes every weight of %s; %s", ", ".join(empty),
+                     "it passes no signal, only its bias" if len(empty) == 1 else "they pass no signal, only biases")
     return out
 
 
@@ -209,10 +217,10 @@ class _Ghosts:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _save_torch(path: Path, obj: Any) -> None:
+def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -228,6 +236,7 @@ def train(
     *,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
     show_progress: bool | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -241,10 +250,14 @@ def train(
         masks: ``{parameter name: bool tensor}`` (True = kept); other parameters are dense.
         train_data, test_data: ``(images (N, ...) float32, labels (N,) int64)``.
         config: :class:`TrainConfig`.
-        out: folder for ``record.json`` (every epoch), ``checkpoint.pt`` (every epoch), ``mask.pt`` and, at
-            the end, ``model.pt`` (the plain state dict), all written atomically. None: nothing written.
-        resume: continue from ``out/checkpoint.pt`` if there is one (else start afresh); a finished run
-            is returned as recorded. Without ``resume`` an ``out`` that holds a checkpoint is refused.
+        out: folder for ``record.json``, ``checkpoint.pt``, ``mask.pt`` and, at the end, ``model.pt`` (the
+            plain state dict). After every epoch the folder is replaced as a whole (a reader sees one epoch's
+            files, never a mix), and one run holds it at a time (a lock beside it). None: nothing written.
+        resume: continue the run in ``out`` (a new or empty ``out`` starts afresh); a finished run is
+            returned as recorded. The run's settings (``config``, ``metadata`` except ``command``) and its
+            masks must be the ones it started with, else it is refused naming the difference. Without
+            ``resume`` (or ``overwrite``) a non-empty ``out`` is refused.
+        overwrite: replace a non-empty ``out`` (its old files stay until the first epoch is written).
         stop_after: stop (resumably) after this many epochs in this call (None: run to the end).
         show_progress: a progress bar per epoch (None: when stderr is a terminal).
         metadata: extra JSON fields stored in the record (model name, mask source, ...).
@@ -260,19 +273,40 @@ def train(
     if not isinstance(config, TrainConfig):
         raise invalid_option("config", where, "a TrainConfig", type(config).__name__)
     masks = _check_masks(model, masks, where)
-    x_train, y_train = train_data
-    x_test, y_test = test_data
     for name, (x, y) in (("train_data", train_data), ("test_data", test_data)):
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
             raise invalid_option(name, where, "a non-empty (images, labels) pair of equal length",
                                  f"{x.shape[0]} images, {y.shape[0]} labels")
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise invalid_option("stop_after", where, "None or an integer >= 1", repr(stop_after))
-    out = None if out is None else Path(out)
+    if out is None:
+        return _train(model, masks, train_data, test_data, config, None, resume, stop_after, show_progress,
+                      metadata, on_epoch)
+    from .outdir import check_out, locked
+
+    out = check_out(out, where, overwrite=overwrite, resume=resume, marker="checkpoint.pt")
+    with locked(out, where):  # one run per folder: a second one stops at once
+        return _train(model, masks, train_data, test_data, config, out, resume, stop_after, show_progress,
+                      metadata, on_epoch)
+
+
+def _identity_difference(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """The settings (``name was X, now Y``) in which a resumed run differs from the one it started with."""
+    if saved is None:
+        return ["the checkpoint has no record of its settings (written by an older cbs)"]
+    return [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def _train(model: nn.Module, masks: dict[str, torch.Tensor], train_data: tuple[torch.Tensor, torch.Tensor],
+           test_data: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, out: Path | None, resume: bool,
+           stop_after: int | None, show_progress: bool | None, metadata: Mapping[str, Any] | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    where = "train()"
+    x_train, y_train = train_data
+    x_test, y_test = test_data
     ckpt_path = None if out is None else out / "checkpoint.pt"
-    if out is not None and not resume and ckpt_path.exists():
-        raise invalid_option("out", where, "a folder without a previous run (or pass resume=True / --resume)",
-                             f"'{out}' (it holds checkpoint.pt)")
+    identity = {k: v for k, v in (metadata or {}).items() if k != "command"}
 
     original_count = count_parameters(model)
     steps_per_epoch = math.ceil(x_train.shape[0] / config.batch_size)
@@ -286,9 +320,16 @@ def train(
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint: say which file
             raise CheckpointError(f"The checkpoint '{ckpt_path}' could not be read: {exc}") from exc
-        if state.get("config") != config_dict:
-            diff = sorted(k for k in config_dict if state.get("config", {}).get(k) != config_dict[k])
-            raise invalid_option("config", where, f"the settings of the run in '{out}' to resume it", f"different {diff}")
+        diff = [f"{k} was {state.get('config', {}).get(k)!r}, now {config_dict[k]!r}" for k in config_dict
+                if state.get("config", {}).get(k) != config_dict[k]]
+        diff += _identity_difference(state.get("run"), identity)
+        saved_masks = state.get("masks")
+        if saved_masks is not None and (set(saved_masks) != set(masks) or any(
+                not torch.equal(saved_masks[k].bool(), masks[k].cpu()) for k in masks)):
+            diff.append("the mask differs from the one the run started with (its mask.pt)")
+        if diff:
+            raise invalid_option("resume", where, f"a run with the settings the run in '{out}' started with "
+                                 "(or start afresh with overwrite / --overwrite)", "; ".join(diff))
         if state.get("finished"):
             return state["record"]
 
@@ -324,8 +365,6 @@ def train(
             optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                         weight_decay=config.weight_decay)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        if out is not None:
-            _save_torch(out / "mask.pt", {k: v.cpu() for k, v in masks.items()})
 
     def record(finished: bool) -> dict[str, Any]:
         params = dict(model.named_parameters())
@@ -407,15 +446,20 @@ def train(
         finished = epoch == config.epochs
         if out is not None:
             rec = record(finished)
+            cpu_masks = {k: v.cpu() for k, v in masks.items()}
+            files = {
+                "mask.pt": _torch_bytes(cpu_masks),
+                "checkpoint.pt": _torch_bytes({
+                    "config": config_dict, "run": identity, "masks": cpu_masks, "epoch": epoch, "step": step,
+                    "history": history, "gradinit": gradinit, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ghost_active": ghosts is not None, "ghosts": None if ghosts is None else ghosts.state_dict(),
+                    "rng": torch.get_rng_state(), "finished": finished, "record": rec if finished else None}),
+                "record.json": (json.dumps(to_jsonable(rec), indent=2) + "\n").encode(),
+            }
             if finished:
-                _save_torch(out / "model.pt", {k: v.detach().clone() for k, v in model.state_dict().items()})
-            _save_torch(ckpt_path, {
-                "config": config_dict, "epoch": epoch, "step": step, "history": history, "gradinit": gradinit,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "ghost_active": ghosts is not None, "ghosts": None if ghosts is None else ghosts.state_dict(),
-                "rng": torch.get_rng_state(), "finished": finished, "record": rec if finished else None,
-            })
-            write_json_atomic(out / "record.json", rec)
+                files["model.pt"] = _torch_bytes({k: v.detach().clone() for k, v in model.state_dict().items()})
+            write_folder_atomic(out, files)  # the epoch's files replace the previous ones together
         epochs_this_call += 1
         if stop_after is not None and epochs_this_call >= stop_after and epoch < config.epochs:
             break

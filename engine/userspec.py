@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import models as _models
+from .data import check_labels
 from .errors import CBSError, InvalidOptionError, describe_value, one_line
 from .losses import cross_entropy, top1_accuracy
 from .sources import Samples
@@ -186,6 +187,11 @@ def check_data_against_model(model: UserModel, train: Samples, loss: Callable, m
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
             raise _error("data", f"targets must be class indices in [0, {classes - 1}] for a model with {classes} "
                          f"outputs. Got targets in [{int(y.min())}, {int(y.max())}].")
+        if train.tensors is not None:  # in memory: every target is checked now, not when a batch reaches it
+            try:
+                check_labels(train.tensors[1], classes, "the training data")
+            except CBSError as exc:
+                raise _error("data", f"{exc} The model has {classes} outputs.") from None
     try:
         value = loss(out, y)
         score = float(metric(out, y))

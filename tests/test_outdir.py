@@ -69,6 +69,13 @@ def test_check_out_and_locked_directly(tmp_path):
     out = check_out(tmp_path / "a" / "b", "test")
     assert out.parent.is_dir() and not out.exists()
     with locked(out, "test"):
+        with locked(out, "test"):  # the same run (the CLI, then the API it calls) nests
+            pass
+        with open(tmp_path / "a" / ".b.lock", "a+") as fh:  # another holder cannot take it meanwhile
+            with pytest.raises(OSError):
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "a" / ".b.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         with pytest.raises(InvalidOptionError, match="in use by another run"):
             with locked(out, "test"):
                 pass

@@ -325,9 +325,9 @@ def test_train_rejections(digits, tmp_path):
         train(model, _random_mask(model, 0.5), (xtr, ytr), (xte, yte), config, stop_after=0)
     masks = _random_mask(model, 0.5)
     train(model, masks, (xtr, ytr), (xte, yte), config, out=tmp_path)
-    with pytest.raises(InvalidOptionError, match="it holds checkpoint.pt"):
+    with pytest.raises(InvalidOptionError, match="holds a run \\(checkpoint.pt\\): pass resume"):
         train(_digits_model(), masks, (xtr, ytr), (xte, yte), config, out=tmp_path)
-    with pytest.raises(InvalidOptionError, match="different \\['lr'\\]"):
+    with pytest.raises(InvalidOptionError, match="lr was 0.05, now 0.2"):
         train(_digits_model(), masks, (xtr, ytr), (xte, yte), TrainConfig(epochs=1, lr=0.2), out=tmp_path, resume=True)
     with pytest.raises(InvalidOptionError, match="'sparsity' argument of make_mask\\(\\) must be in \\[0, 1\\). Got 1.5."):
         make_mask(model, ["fc1.weight"], "random", 1.5)
@@ -362,7 +362,7 @@ def test_cli_refuses_to_overwrite_a_run(capsys, tmp_path):
     code = main(["train", "--model", "mlpnet", "--mask", "random", "--sparsity", "0.5", "--epochs", "1",
                  "--out", str(tmp_path / "o")])
     assert code == 2
-    assert "The '--out' argument of cbs train must be a folder without a previous run" in capsys.readouterr().err
+    assert "The '--out' argument of cbs train holds a run (checkpoint.pt): pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
