@@ -64,6 +64,7 @@ def check_out(out: str | os.PathLike, command: str, overwrite: bool = False, res
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in parent.glob(f".{path.name}.old-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    _refuse_if_held(path, command)  # a folder in use says so, whatever it holds
     ours = bool(owned) and path.is_dir() and all(p.name in owned for p in path.iterdir())
     if path.is_dir() and any(path.iterdir()) and not overwrite and not ours:
         held = ", ".join(sorted(p.name for p in path.iterdir())[:4])
@@ -79,6 +80,21 @@ def check_out(out: str | os.PathLike, command: str, overwrite: bool = False, res
             raise _error(command, f"must be an empty or new folder, or pass {opt} to replace it. Got '{path}', "
                          f"which holds {held}.")
     return path
+
+
+def _refuse_if_held(out: Path, command: str) -> None:
+    """Fail at once when another process holds ``out``'s lock (probed, not kept: :func:`locked` takes it)."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    if not lock.exists() or _HELD.get(os.path.realpath(lock)):
+        return
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _error(command, f"is in use by another run. Got '{out}' (locked by {lock}).") from None
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 #: locks this process holds (lock file → depth): a nested ``locked`` of the same folder (the CLI, then the

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from .errors import CheckpointError, invalid_option
+from .errors import CheckpointError, InvalidOptionError, invalid_option
 from .evaluate import evaluate
 from .ghost import GhostSkip, SoftNeurons, anneal_progress
 from .progress import get_logger, progress
@@ -302,7 +302,6 @@ def _train(model: nn.Module, masks: dict[str, torch.Tensor], train_data: tuple[t
            test_data: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, out: Path | None, resume: bool,
            stop_after: int | None, show_progress: bool | None, metadata: Mapping[str, Any] | None,
            on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    where = "train()"
     x_train, y_train = train_data
     x_test, y_test = test_data
     ckpt_path = None if out is None else out / "checkpoint.pt"
@@ -328,8 +327,9 @@ def _train(model: nn.Module, masks: dict[str, torch.Tensor], train_data: tuple[t
                 not torch.equal(saved_masks[k].bool(), masks[k].cpu()) for k in masks)):
             diff.append("the mask differs from the one the run started with (its mask.pt)")
         if diff:
-            raise invalid_option("resume", where, f"a run with the settings the run in '{out}' started with "
-                                 "(or start afresh with overwrite / --overwrite)", "; ".join(diff))
+            raise InvalidOptionError(f"Cannot resume the run in '{out}': it started with other settings ("
+                                     f"{'; '.join(diff)}). Resume with the settings it started with, or start "
+                                     "afresh with --overwrite (overwrite=True).")
         if state.get("finished"):
             return state["record"]
 
