@@ -50,6 +50,7 @@ import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from .errors import InvalidProblemError
+from .patterns import group_top_sum, pattern_violation
 from .problem import BlockProblem
 from .solutions import MEMO_SIZE, SupportSolution, UpdateMemo
 
@@ -120,6 +121,11 @@ def as_support(problem: BlockProblem, support: np.ndarray, check_size: bool = Tr
         raise InvalidProblemError(
             f"The 'support' argument must keep exactly n_keep = {problem.n_keep} weights. Got {int(mask.sum())}."
         )
+    if check_size and problem.pattern is not None:
+        broken = pattern_violation(mask, problem.pattern)
+        if broken:
+            N, M = problem.pattern
+            raise InvalidProblemError(f"The 'support' argument must follow the block's {N}:{M} pattern: {broken}.")
     return mask
 
 
@@ -440,7 +446,8 @@ def _dual_constant(problem: BlockProblem, alpha: np.ndarray) -> float:
 
 
 def dual_bound(problem: BlockProblem, alpha: np.ndarray | None = None, support: np.ndarray | None = None) -> float:
-    """LB(α) = D(α, k largest c_i) ≤ min_{|S|=k} E(S).
+    """LB(α) = D(α, k largest c_i) ≤ min_{|S|=k} E(S); under an N:M pattern, the N largest c_i of every
+    group (the best a pattern-respecting support can do), a bound on the N:M optimum.
 
     Pass ``alpha`` directly, or a ``support`` whose own residual r = X v*(S) − y is used as α
     (the free certificate of any heuristic answer). With neither, α = −y (the residual of the
@@ -453,7 +460,10 @@ def dual_bound(problem: BlockProblem, alpha: np.ndarray | None = None, support: 
             alpha = optimal_update(problem, support).residual
     c = dual_scores(problem, alpha)
     k = problem.n_keep
-    top = 0.0 if k == 0 else float(np.partition(c, c.size - k)[c.size - k:].sum())
+    if problem.pattern is not None:
+        top = group_top_sum(c, problem.pattern)
+    else:
+        top = 0.0 if k == 0 else float(np.partition(c, c.size - k)[c.size - k:].sum())
     return _dual_constant(problem, alpha) - top
 
 

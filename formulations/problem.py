@@ -62,6 +62,9 @@ class BlockProblem:
         Mean gradient ``g``; ``None`` means g = 0 (the CBS convention).
     label : str
         Free text carried into records (e.g. ``"fc2[3]"``).
+    pattern : (N, M), optional
+        N:M sparsity: in every group of M consecutive weights exactly N are kept (``n`` divisible by M,
+        ``n_keep = n/M · N``); see :mod:`formulations.patterns`. None: unstructured.
 
     Derived data
     ------------
@@ -80,6 +83,7 @@ class BlockProblem:
     fisher: np.ndarray | None = None
     gradient: np.ndarray | None = None
     label: str = ""
+    pattern: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # the derived-data slot (see the class docstring): not a field, so not a constructor argument
@@ -149,6 +153,10 @@ class BlockProblem:
             g.setflags(write=False)
             object.__setattr__(self, "gradient", g)
         self.weights.setflags(write=False)
+        if self.pattern is not None:
+            from .patterns import check_pattern
+
+            object.__setattr__(self, "pattern", check_pattern(self.pattern, n, self.n_keep))
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -169,13 +177,15 @@ class BlockProblem:
     def with_n_keep(self, n_keep: int) -> "BlockProblem":
         """The same block with another budget: shares the (read-only) arrays, the gradient object included,
         and the derived data, none of which depends on k (y = Xw, factors, diag(H⁻¹)); no copy."""
-        other = BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label)
+        other = BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label,
+                             self.pattern)
         return self._sharing(other, gradient=True)
 
     def with_gradient(self, gradient: np.ndarray | None) -> "BlockProblem":
         """The same block with another mean gradient ``g`` (``None``: g = 0); shares the arrays and the
         derived data, none of which depends on g."""
-        other = BlockProblem(self.weights, self.n_keep, self.damping, self.factor, self.fisher, gradient, self.label)
+        other = BlockProblem(self.weights, self.n_keep, self.damping, self.factor, self.fisher, gradient, self.label,
+                             self.pattern)
         return self._sharing(other, gradient=False)
 
     def _sharing(self, other: "BlockProblem", gradient: bool) -> "BlockProblem":

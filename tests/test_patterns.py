@@ -1,0 +1,73 @@
+"""N:M patterns: parsing, checks, the per-group selection, and the group dual bound against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from formulations.errors import InvalidProblemError
+from formulations.objective import as_support, dual_bound, support_objective
+from formulations.patterns import (check_pattern, group_top_sum, parse_pattern, pattern_sparsity, pattern_violation,
+                                   top_per_group)
+from formulations.problem import BlockProblem
+
+
+def test_parse_and_check():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern("unstructured") is None and parse_pattern(None) is None
+    assert pattern_sparsity((2, 4)) == 0.5 and pattern_sparsity((4, 8)) == 0.5 and pattern_sparsity((1, 4)) == 0.75
+    for bad in ("4:4", "5:4", "0:4", "2-4", "a:b", "2:4:8", (2, True)):
+        with pytest.raises(ValueError, match="N:M with integers 1 <= N < M"):
+            parse_pattern(bad)
+    assert check_pattern("2:4", 8, 4) == (2, 4)
+    with pytest.raises(InvalidProblemError, match="M dividing the block's 6 weights"):
+        check_pattern((2, 4), 6, 3)
+    with pytest.raises(InvalidProblemError, match="must be n/M·N = 4"):
+        check_pattern((2, 4), 8, 5)
+
+
+def test_top_per_group_and_violations():
+    scores = np.array([4.0, 1.0, 3.0, 2.0, 0.0, 0.0, 5.0, -1.0])
+    s = top_per_group(scores, (2, 4))
+    assert s.tolist() == [True, False, True, False, True, False, True, False]  # tie in group 1: lower index
+    assert pattern_violation(s, (2, 4)) is None
+    bad = s.copy()
+    bad[1], bad[4] = True, False
+    assert "group 0 (weights 0..3) keeps 3, not 2" in pattern_violation(bad, (2, 4))
+    assert group_top_sum(scores, (2, 4)) == 4 + 3 + 5 + 0
+
+
+def _brute_pattern(problem: BlockProblem) -> float:
+    N, M = problem.pattern
+    groups = [list(itertools.combinations(range(g * M, g * M + M), N)) for g in range(problem.n // M)]
+    best = np.inf
+    for choice in itertools.product(*groups):
+        s = np.zeros(problem.n, dtype=bool)
+        s[[i for c in choice for i in c]] = True
+        best = min(best, support_objective(problem, s))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("pattern", [(1, 4), (2, 4), (1, 2)])
+def test_group_dual_bound_is_below_the_pattern_optimum(seed, pattern):
+    rng = np.random.default_rng(seed)
+    n = 8
+    X = rng.normal(size=(12, n)) if seed % 2 else rng.normal(size=(3, 2)) @ rng.normal(size=(2, n))
+    N, M = pattern
+    p = BlockProblem(rng.normal(size=n), n // M * N, 1e-2, factor=X, pattern=pattern)
+    opt = _brute_pattern(p)
+    s = top_per_group(np.abs(p.weights), pattern)
+    assert dual_bound(p) <= opt + 1e-9 * max(1, abs(opt))
+    assert dual_bound(p, support=s) <= opt + 1e-9 * max(1, abs(opt))
+    # the pattern optimum is no better than the unstructured one with the same k
+    free = BlockProblem(p.weights, p.n_keep, p.damping, factor=X)
+    assert dual_bound(free, support=s) <= dual_bound(p, support=s) + 1e-12
+    with pytest.raises(InvalidProblemError, match=f"must follow the block's {N}:{M} pattern"):
+        broken = np.zeros(n, dtype=bool)
+        broken[: p.n_keep] = True
+        if pattern_violation(broken, pattern) is None:
+            broken = np.roll(broken, 1)
+        as_support(p, broken)
+    assert p.with_n_keep(p.n_keep).pattern == pattern
