@@ -262,7 +262,7 @@ def test_a_block_problem_holds_no_memo_state(monkeypatch):
     assert len(calls) == 4
 
     names = {f.name for f in dataclasses.fields(BlockProblem)}
-    assert names == {"weights", "n_keep", "damping", "factor", "fisher", "gradient", "label"}
+    assert names == {"weights", "n_keep", "damping", "factor", "fisher", "gradient", "label", "pattern"}
     assert not any("cache" in name or "memo" in name for name in names)
     with pytest.raises(TypeError):
         BlockProblem(problem.weights, 4, 1.0, factor=problem.factor, _cache={})  # type: ignore[call-arg]
