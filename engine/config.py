@@ -138,6 +138,8 @@ class BlockRecord:
     solve_seconds: float
     selection_objective: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: seconds the solve ran past its time limit (0.0 within it, None without a limit)
+    overshoot: float | None = None
 
 
 @dataclass

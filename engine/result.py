@@ -42,7 +42,10 @@ class SolveResult:
     bound : a certified lower bound on min_{|S|=k} E(S), or None.
     gap : (objective − bound)/|objective|, or None.
     status, termination : see :class:`Status`, :class:`Termination`.
-    wall_time : seconds spent in ``solve``.
+    wall_time : seconds spent in ``solve`` (the solver's own figure, else the engine's clock).
+    time_limit : the ``SolveOptions.time_limit`` the solve ran under (None: no limit), filled by the engine.
+    overshoot : seconds the call ran past ``time_limit`` by the engine's clock around it (0.0 within the
+        limit, None without one); :func:`engine.solve.note_overshoot` warns beyond a grace.
     weights : (n,) updated weights v (v_P = 0) when the solver computed them, else None.
     iterations : iterations / rounds / nodes, solver-defined.
     solver : the solver's name.
@@ -60,6 +63,8 @@ class SolveResult:
     iterations: int = 0
     solver: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    time_limit: float | None = None
+    overshoot: float | None = None
 
     @property
     def kept(self) -> np.ndarray:
@@ -76,6 +81,8 @@ class SolveResult:
             "status": self.status.value,
             "termination": self.termination.value,
             "wall_time": float(self.wall_time),
+            "time_limit": None if self.time_limit is None else float(self.time_limit),
+            "overshoot": None if self.overshoot is None else float(self.overshoot),
             "iterations": int(self.iterations),
             "n": int(self.support.size),
             "k": int(self.support.sum()),

@@ -163,6 +163,7 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
             label=b.label, n=p.n, k=p.n_keep, objective=r.objective, bound=r.bound, gap=r.gap,
             status=r.status.value, termination=r.termination.value, solve_seconds=r.wall_time,
             extra={k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, bool, type(None)))},
+            overshoot=getattr(r, "overshoot", None),
         ))
 
     # ---- the stage's weights: masked (kept weights unchanged) and updated, per parameter

@@ -7,7 +7,7 @@ import formulations.objective as objective
 from engine.errors import InvalidOptionError, SolverError, SolverUnavailableError
 from engine.options import SolveOptions
 from engine.result import SolveResult, Status, Termination
-from engine.solve import solve_block
+from engine.solve import SolverAnswerError, solve_block
 from engine.solvers import Capabilities, SubsetSolver, get_solver, register_solver, solver_names
 from engine.update import batched_update
 from formulations.objective import UpdateMemo, support_objective
@@ -56,8 +56,12 @@ def test_bound_above_objective_is_a_solver_error():
 def test_only_exact_solvers_may_claim_optimal():
     with pytest.raises(SolverError, match="not exact"):
         solve_block(_problem(), _Fixed(status=Status.OPTIMAL))
-    r = solve_block(_problem(), _Fixed(exact=True, status=Status.OPTIMAL, termination=Termination.OPTIMAL))
+    exact = _Fixed(exact=True, status=Status.OPTIMAL, termination=Termination.OPTIMAL)
+    # diagonal H and |w| decreasing: the first k weights are the optimum, so the claim stands
+    r = solve_block(BlockProblem(np.arange(8.0, 0.0, -1.0), 4, 0.1, factor=np.eye(8)), exact)
     assert r.status == Status.OPTIMAL
+    with pytest.raises(SolverAnswerError, match="claimed the optimal objective"):  # and a false one is refuted
+        solve_block(_problem(), exact)
 
 
 def test_wrong_support_size_is_a_solver_error():

@@ -125,8 +125,11 @@ def swap_local_search(
 ) -> tuple[np.ndarray, float, int]:
     """Best-improvement single-swap local search on the exact E(S).
 
-    Each pass scores all k(n − k) swaps (one kept weight out, one pruned weight in) in one batch and takes the
-    best if it lowers E by more than rounding (1e-12 relative). Returns (support, E, passes).
+    Each pass scores all k(n − k) swaps (one kept weight out, one pruned weight in), in batches of at most
+    ~2²² matrix entries (m×m each, m = min(k, n − k)), and takes the best if it lowers E by more than
+    rounding (1e-12 relative). The ``deadline`` is checked between batches too (one pass at n = 200 takes
+    seconds): past it, the best swap scored so far is made if it improves, and the search stops.
+    Returns (support, E, passes).
     """
     S = np.asarray(support, dtype=bool).copy()
     value = float(evaluator.values(S[None, :])[0])
@@ -134,22 +137,31 @@ def swap_local_search(
     kept, pruned = np.flatnonzero(S), np.flatnonzero(~S)
     if kept.size == 0 or pruned.size == 0:
         return S, value, 0
-    while passes < max_passes:
+    m = min(kept.size, pruned.size)
+    batch = max(1, min(4096, 2**22 // (m * m)))
+    late = False
+    while passes < max_passes and not late:
         if deadline is not None and time.perf_counter() > deadline:
             break
         passes += 1
         kept, pruned = np.flatnonzero(S), np.flatnonzero(~S)
         ii, jj = np.meshgrid(kept, pruned, indexing="ij")
         ii, jj = ii.ravel(), jj.ravel()
-        cand = np.repeat(S[None, :], ii.size, axis=0)
-        rows = np.arange(ii.size)
-        cand[rows, ii] = False
-        cand[rows, jj] = True
-        vals = evaluator.values(cand)
-        b = int(np.argmin(vals))
-        if vals[b] < value - 1e-12 * max(1.0, abs(value)):
-            S = cand[b]
-            value = float(vals[b])
+        best_val, best = math.inf, None
+        for b0 in range(0, ii.size, batch):
+            if b0 and deadline is not None and time.perf_counter() > deadline:
+                late = True
+                break
+            rows = np.arange(min(batch, ii.size - b0))
+            cand = np.repeat(S[None, :], rows.size, axis=0)
+            cand[rows, ii[b0 : b0 + rows.size]] = False
+            cand[rows, jj[b0 : b0 + rows.size]] = True
+            vals = evaluator.values(cand)
+            b = int(np.argmin(vals))
+            if vals[b] < best_val:  # strict: the first of equal values, as one argmin over the pass
+                best_val, best = float(vals[b]), cand[b].copy()
+        if best is not None and best_val < value - 1e-12 * max(1.0, abs(value)):
+            S, value = best, best_val
         else:
             break
     return S, value, passes
@@ -273,7 +285,7 @@ class BranchAndBoundSolver(SubsetSolver):
         info["heuristic_value"] = best_val
         root = dense_subproblem(problem)
         root = DenseSubproblem(evaluator.H, root.weights, root.linear, 0.0, k, root.index)
-        search = _Search(self, root, problem.damping, evaluator, best_S, best_val)
+        search = _Search(self, root, problem.damping, evaluator, best_S, best_val, deadline)
         nodes = 0
         heap: list[_Node] = []
         termination = Termination.OPTIMAL
@@ -364,8 +376,10 @@ class _Search:
         evaluator: DenseEvaluator,
         best_support: np.ndarray,
         best_value: float,
+        deadline: float | None = None,
     ) -> None:
         self.solver = solver
+        self.deadline = deadline
         self.root = root
         self.damping = damping
         self.evaluator = evaluator
@@ -389,7 +403,7 @@ class _Search:
         value = float(self.evaluator.values(support[None, :])[0])
         if value < self.best_value:
             # a new incumbent from the tree: polish it by a few passes of swap local search
-            S, value, _ = swap_local_search(self.evaluator, support, max_passes=self.solver.polish_passes)
+            S, value, _ = swap_local_search(self.evaluator, support, self.deadline, self.solver.polish_passes)
             self.seen.add(np.packbits(S).tobytes())
             self.best_support, self.best_value = S, value
             self.improvements += 1

@@ -19,6 +19,12 @@ A master's dual bound is a valid lower bound on min f (the cuts under-estimate f
 with OPTIMAL when it reaches the incumbent (gap ≤ ``rel_gap``), and at the time limit returns the
 incumbent with the best master bound.
 
+**Time limit.** The clock is read between phases (incumbent, root relaxation, master build), between
+support cuts (the k(n − k) neighbour cuts of an incumbent take seconds at n = 200: the ones not computed by
+the deadline are left out, which keeps the master valid) and before each master solve, which gets the time
+left as HiGHS's own ``time_limit``. Past the deadline the incumbent is returned with the bound so far
+(TIME_LIMIT).
+
 **HiGHS callbacks (highspy 1.15.1, measured).** ``kCallbackMipImprovingSolution`` works (each improving
 master solution arrives in ``data_out.mip_solution``: used here); ``kCallbackMipInterrupt`` /
 ``kCallbackMipUserSolution`` exist (interrupt, inject solutions). ``kCallbackMipDefineLazyConstraints``
@@ -197,8 +203,8 @@ class HighsSolver(SubsetSolver):
         evaluator = DenseEvaluator(problem)
         best_S, best_val, info = heuristic_incumbent(problem, evaluator, warm_start, deadline)
 
-        def done(bound: float, status: Status, term: Termination, rounds: int) -> SolveResult:
-            bound = min(bound, best_val)
+        def done(bound: float | None, status: Status, term: Termination, rounds: int) -> SolveResult:
+            bound = None if bound is None else min(bound, best_val)
             return SolveResult(
                 support=best_S.copy(), objective=best_val, bound=bound, gap=relative_gap(best_val, bound),
                 status=status, termination=term, wall_time=time.perf_counter() - start, iterations=rounds,
@@ -208,6 +214,11 @@ class HighsSolver(SubsetSolver):
         if k == 0 or k == n:
             return done(best_val, Status.OPTIMAL, Termination.OPTIMAL, 0)
 
+        def late() -> bool:
+            return deadline is not None and time.perf_counter() > deadline
+
+        if late():  # the incumbent's search used the time: no bound of ours (the engine certifies one)
+            return done(None, Status.FEASIBLE, Termination.TIME_LIMIT, 0)
         # the root relaxation: its dual point's cut makes the first master bound the relaxation bound
         root = dense_subproblem(problem)
         delta, lip = perspective_shift(root.hessian, problem.damping)
@@ -218,6 +229,8 @@ class HighsSolver(SubsetSolver):
         tol = max(self.rel_gap * abs(best_val), 1e-14)
         if bound >= best_val - tol:
             return done(bound, Status.OPTIMAL, Termination.OPTIMAL, 0)
+        if late():
+            return done(bound, Status.FEASIBLE, Termination.TIME_LIMIT, 0)
 
         scale = max(abs(best_val), abs(bound), 1e-300)
         cuts_C: list[np.ndarray] = [rel.scores / scale]
@@ -225,7 +238,9 @@ class HighsSolver(SubsetSolver):
         cut_keys: set[bytes] = set()
 
         def add_support_cuts(supports: list[np.ndarray]) -> None:
-            for s in supports:
+            for i, s in enumerate(supports):
+                if i % 16 == 15 and late():
+                    return  # the cuts left out only weaken the master, never invalidate it
                 key = np.packbits(s).tobytes()
                 if key in cut_keys:
                     continue

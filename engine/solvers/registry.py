@@ -6,7 +6,8 @@ Built-in solvers are named here as ``"module:Class"`` strings and imported on fi
 1. pass an instance wherever a solver name is accepted (``prune(model, method=MySolver())``);
 2. decorate its class (or a zero-argument factory) with ``@register_solver("name")``;
 3. declare an entry point in group ``cbs.solvers`` (``name = "package.module:Class"``). A plug-in
-   that fails to load emits a warning and the others keep working.
+   that fails to load emits a warning, once per process however often the entry points are read
+   (:func:`refresh`), and the others keep working.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from ..errors import InvalidOptionError, SolverUnavailableError
+from ..errors import InvalidOptionError, SolverUnavailableError, one_line
 from .base import SubsetSolver
 
 __all__ = [
@@ -55,6 +56,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
 
 _registered: dict[str, Callable[..., SubsetSolver]] = {}
 _entry_points_loaded = False
+#: (name, value) of the entry points whose load failure was already warned about in this process
+_warned_plugins: set[tuple[str, str]] = set()
 
 
 class PluginLoadWarning(UserWarning):
@@ -80,18 +83,23 @@ def register_solver(name: str) -> Callable[[Any], Any]:
 
 
 def refresh() -> None:
-    """(Re-)load entry points of group ``cbs.solvers``; failures warn and are skipped."""
+    """(Re-)load entry points of group ``cbs.solvers``; failures are skipped, and each broken entry point
+    warns (:class:`PluginLoadWarning`) the first time only in this process: a CLI command, or a session that
+    calls this again and again, hears about it once."""
     global _entry_points_loaded
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             factory = ep.load()
         except Exception as exc:  # a broken plug-in must not break the rest
-            warnings.warn(
-                f"Solver plug-in '{ep.name}' ({ep.value}) failed to load and is skipped: {type(exc).__name__}: {exc}",
-                PluginLoadWarning,
-                stacklevel=2,
-            )
+            key = (str(ep.name), str(ep.value))
+            if key not in _warned_plugins:
+                _warned_plugins.add(key)
+                warnings.warn(
+                    f"Solver plug-in '{ep.name}' ({ep.value}) failed to load and is skipped: {one_line(exc)}",
+                    PluginLoadWarning,
+                    stacklevel=2,
+                )
             continue
         _registered.setdefault(ep.name, factory)
 
