@@ -3,9 +3,10 @@
 A *spec* names a function: ``FILE.py:FUNC`` (a file, relative to the working directory) or
 ``package.module:FUNC`` (importable). The function is called with no arguments:
 
-* ``--model SPEC``: returns a ``torch.nn.Module`` mapping a batch of inputs to outputs. Also ``mlpnet`` and
-  ``resnet20`` (the zoo), ``hf:LOCAL_DIR`` (a transformers causal LM saved with ``save_pretrained``; loss and
-  metric default to next-token cross-entropy and accuracy) and ``timm:NAME`` (``timm.create_model(NAME)``).
+* ``--model SPEC``: returns a ``torch.nn.Module`` mapping a batch of inputs to outputs. Also ``mlpnet``,
+  ``resnet20`` and ``charlm`` (the zoo; charlm's weights ship in the package, see :mod:`engine.charlm`),
+  ``hf:LOCAL_DIR`` (a transformers causal LM saved with ``save_pretrained``; loss and metric default to
+  next-token cross-entropy and accuracy) and ``timm:NAME`` (``timm.create_model(NAME)``).
 * ``--data SPEC``: returns ``(train, test)``, each a map-style Dataset of ``(input, target)`` pairs or a
   DataLoader (``test`` may be None). The zoo models default to their data sets in the data folder.
 * ``--loss SPEC``: ``loss(outputs, targets) -> scalar tensor`` (mean over the batch).
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from . import models as _models
+from .charlm import CHARLM_DIR
 from .data import check_labels
 from .errors import CBSError, InvalidOptionError, describe_value, one_line
 from .losses import cross_entropy, top1_accuracy
@@ -104,8 +106,38 @@ class UserModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-#: the zoo: model name -> (its checkpoint under the data folder, its data set's name)
+#: the zoo: model name -> (its checkpoint under the data folder, or charlm's packaged folder; its data set's name)
 ZOO = {name: (_models.DEFAULT_CHECKPOINTS[name], data) for name, data in (("mlpnet", "mnist"), ("resnet20", "cifar10"))}
+ZOO["charlm"] = (CHARLM_DIR, "tinyshakespeare")
+
+
+def _next_token() -> dict[str, Any]:
+    """The loss and metric fields of a causal language model (hf:DIR, charlm): next-token cross-entropy and
+    accuracy."""
+    from . import hub
+
+    return dict(loss=hub.token_cross_entropy, metric=hub.token_accuracy, loss_name="token_cross_entropy",
+                metric_name="token_accuracy")
+
+
+def _load_charlm(checkpoint: str | Path | None) -> UserModel:
+    """charlm from its packaged folder; ``checkpoint``: another save_pretrained folder, or a state dict file
+    (e.g. the model.pt of a pruned run) loaded into the packaged model."""
+    from . import charlm, models
+    from .errors import CheckpointError, DataNotFoundError
+
+    path = None if checkpoint is None else Path(checkpoint)
+    if path is not None and not path.exists():
+        raise _error("checkpoint", f"{str(path)!r} does not exist (charlm takes a save_pretrained folder or a "
+                     "state dict file).")
+    try:
+        module, vocab = charlm.load_charlm(path if path is not None and path.is_dir() else None)
+    except (CheckpointError, DataNotFoundError, InvalidOptionError) as exc:
+        raise _error("checkpoint", str(exc)) from None
+    if path is not None and path.is_file():
+        models.load_checkpoint(module, path, "charlm")
+    return UserModel(module.eval(), "charlm", "zoo", zoo="charlm", checkpoint=path or CHARLM_DIR,
+                     extra={"vocab": vocab}, **_next_token())
 
 
 def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) -> UserModel:
@@ -113,6 +145,8 @@ def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) ->
     default), in eval mode on the CPU."""
     from . import hub, models
 
+    if spec == "charlm":
+        return _load_charlm(checkpoint)
     if spec in ZOO:
         path = Path(checkpoint) if checkpoint is not None else data_dir / ZOO[spec][0]
         if not path.is_file():
@@ -120,9 +154,7 @@ def load_model_spec(spec: str, checkpoint: str | Path | None, data_dir: Path) ->
                          + ("." if checkpoint is not None else " (pass --checkpoint or --data-dir)."))
         return UserModel(models.load_model(spec, path), spec, "zoo", zoo=spec, checkpoint=path)
     if spec.startswith("hf:"):
-        module = hub.load_hf_causal_lm(spec[3:])
-        user = UserModel(module, spec, "hf", loss=hub.token_cross_entropy, metric=hub.token_accuracy,
-                         loss_name="token_cross_entropy", metric_name="token_accuracy")
+        user = UserModel(hub.load_hf_causal_lm(spec[3:]), spec, "hf", **_next_token())
     elif spec.startswith("timm:"):
         user = UserModel(hub.load_timm_model(spec[5:]), spec, "timm")
     else:
@@ -144,10 +176,15 @@ def load_data_spec(spec: str | None, model: UserModel, data_dir: Path) -> tuple[
     if spec is None:
         if model.zoo is None:
             raise _error("data", "is required for a model outside the zoo (FILE.py:FUNC returning (train, test)).")
-        from .data import dataset_for_model
+        if model.zoo == "charlm":  # (input, next characters) windows of the text, in the model's vocabulary
+            from .charlm import charlm_data
 
-        train, test = (dataset_for_model(model.zoo, data_dir, split) for split in ("train", "test"))
-        return Samples(tuple(train), "train"), Samples(tuple(test), "test"), f"{ZOO[model.zoo][1]} in {data_dir}"
+            train, test = charlm_data(data_dir, vocab=model.extra.get("vocab"))
+        else:
+            from .data import dataset_for_model
+
+            train, test = (tuple(dataset_for_model(model.zoo, data_dir, split)) for split in ("train", "test"))
+        return Samples(train, "train"), Samples(test, "test"), f"{ZOO[model.zoo][1]} in {data_dir}"
     out = call_function(spec, "data")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise _error("data", f"{spec} must return (train, test). Got {describe_value(out)}.")
