@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -372,8 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_PlainFormatter("%(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        sys.stderr.write(f"cbs {args.command}: warning: {printable(str(message))}\n")
+
     handlers = {"prune": _cmd_prune, "solvers": _cmd_solvers, "demo": _cmd_demo, "solve": _cmd_solve,
                 "export-blocks": _cmd_export, "train": cmd_train}
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning  # a warning is one line too, without the source line
     try:
         return handlers[args.command](args)
     except CBSError as exc:  # a bad input: exit 2; a failure past the checks (RunError): exit 1
@@ -386,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"; {out} holds the last complete epoch, if any (continue it with --resume)"
         sys.stderr.write(f"cbs {args.command}: interrupted{where}\n")
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -172,7 +172,7 @@ def load_cifar10(data_dir: PathLike | None = None, split: str = "test") -> Label
     _check_split(split, "load_cifar10()")
     path = _require_file(_resolve_dir(data_dir) / "cifar10" / _CIFAR10_FILES[split], "CIFAR-10")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:  # our handle: closed on error
             data, labels = archive["data"], archive["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CBSError(f"The CIFAR-10 file '{path}' is not an .npz with 'data' and 'labels': {exc}") from exc

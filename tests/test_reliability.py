@@ -299,3 +299,29 @@ def test_demo_and_export_write_their_folder_as_a_whole(tmp_path, capsys, monkeyp
     (full / "a.npz").write_bytes(b"")
     assert main(["export-blocks", "--model", "mlpnet", "--out", str(full)]) == 2
     assert "pass --overwrite" in _one_error(capsys)
+
+
+def test_a_warning_is_one_line_without_source(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from engine.problem_io import save_problem
+    from engine.solvers import registry
+    from engine.solvers.magnitude import MagnitudeSolver
+    from formulations.problem import BlockProblem
+
+    class Noisy(MagnitudeSolver):
+        name = "noisy"
+
+        def solve(self, problem, options, warm_start=None):
+            warnings.warn("something to know\non two lines", UserWarning)
+            return super().solve(problem, options, warm_start)
+
+    monkeypatch.setattr(registry, "_registered", dict(registry._registered))
+    registry.register_solver("noisy")(Noisy)
+    rng = np.random.default_rng(0)
+    save_problem(tmp_path / "p.npz", BlockProblem(rng.normal(size=6), 3, 0.1, factor=rng.normal(size=(8, 6))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["solve", str(tmp_path / "p.npz"), "--solver", "noisy"]) == 0
+    err = capsys.readouterr().err
+    assert err == "cbs solve: warning: something to know\\non two lines\n", err
