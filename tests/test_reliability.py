@@ -325,3 +325,20 @@ def test_a_warning_is_one_line_without_source(tmp_path, capsys, monkeypatch):
         assert main(["solve", str(tmp_path / "p.npz"), "--solver", "noisy"]) == 0
     err = capsys.readouterr().err
     assert err == "cbs solve: warning: something to know\\non two lines\n", err
+
+
+def test_cbs_solve_json_with_highs_is_clean_json(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.problem_io import save_problem
+    from formulations.problem import BlockProblem
+
+    rng = np.random.default_rng(0)
+    save_problem(tmp_path / "p.npz", BlockProblem(rng.normal(size=10), 5, 0.1, factor=rng.normal(size=(12, 10))))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "solve", str(tmp_path / "p.npz"), "--solver", "highs",
+                           "--json"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["solver"] == "highs"  # HiGHS's banner used to come first on stdout

@@ -44,6 +44,8 @@ curves, one binary per (block, grid point).
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from typing import Sequence
 
@@ -79,14 +81,39 @@ def _highspy():
     return highspy
 
 
+_BANNER_SHOWN = False
+
+
+def silent_highs():
+    """A ``highspy.Highs`` that prints nothing. The first one of a process writes HiGHS's copyright banner
+    to the C-level stdout before ``silent()`` can stop it (it broke ``cbs solve --json``), so that one is
+    created with file descriptor 1 pointed at /dev/null."""
+    global _BANNER_SHOWN
+    hp = _highspy()
+    if _BANNER_SHOWN:
+        h = hp.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                h = hp.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _BANNER_SHOWN = True
+    h.silent()
+    return h
+
+
 def highs_from_model(model: QuadraticModel, time_limit: float | None = None):
     """A silent ``highspy.Highs`` holding a :class:`QuadraticModel` (LP, QP, or MILP; HiGHS refuses MIQP).
 
     Rows are passed row-wise (CSR), the Hessian as HiGHS's lower-triangular column-wise ``kTriangular``.
     """
     hp = _highspy()
-    h = hp.Highs()
-    h.silent()
+    h = silent_highs()
     lp = hp.HighsLp()
     lp.num_col_ = model.n_vars
     lp.num_row_ = model.n_rows
@@ -417,8 +444,7 @@ def solve_budget_allocation(
     nv = kv.size
     # scale the objective so HiGHS's absolute tolerances are relative
     scale = max(float(np.abs(ev).max()), 1e-300)
-    h = hp.Highs()
-    h.silent()
+    h = silent_highs()
     h.setOptionValue("mip_rel_gap", 1e-9)
     h.setOptionValue("mip_abs_gap", 1e-12)
     h.setOptionValue("threads", 1)
