@@ -56,6 +56,15 @@ def choose_solver(problem: BlockProblem) -> tuple[str, dict[str, Any], str]:
             f"The 'problem' argument of choose_solver() must be a BlockProblem. Got {type(problem).__name__}."
         )
     n, k = problem.n, problem.n_keep
+    if problem.pattern is not None:  # only the solvers that honour N:M patterns
+        N, M = problem.pattern
+        supports = math.comb(M, N) ** (n // M)
+        if supports <= BRUTE_FORCE_MAX_SUPPORTS and n <= _BRUTE_FORCE_HARD_MAX:
+            params = {} if n <= (get_solver("brute_force").capabilities.max_size or 0) else {"max_size": n}
+            return ("brute_force", params, f"{N}:{M} pattern, C({M}, {N})^{n // M} = {supports:,} supports: exact "
+                    "by enumeration")
+        return ("woodfisher", {}, f"{N}:{M} pattern, {supports:.3g} supports: OBS scores per group, certified by "
+                "the group dual bound")
     # C(n, k) only matters for n <= 64; for a layer of 10⁵ weights it would be a huge integer
     supports = math.comb(n, k) if n <= BNB_MAX_SIZE else None
 

@@ -1,5 +1,6 @@
 """Block problems as files: ``.npz`` with ``X`` (N×n float64), ``w`` (n), ``lam`` (scalar), ``k`` (int),
-optionally ``g`` (n) and ``label`` — the format of ``cbs solve`` and ``cbs export-blocks``."""
+optionally ``g`` (n), ``label`` and ``pattern`` ((N, M) of an N:M pattern): the format of ``cbs solve`` and
+``cbs export-blocks``."""
 
 from __future__ import annotations
 
@@ -73,9 +74,15 @@ def load_problem(path: str | Path) -> BlockProblem:
         raise InvalidProblemError(f"The 'lam' entry of {path} must be a scalar (the damping λ). Got an array of "
                                   f"shape {lam.shape}.")
     label = str(data["label"]) if "label" in files else path.stem
+    pattern = None
+    if "pattern" in files:
+        pat = data["pattern"]
+        if pat.shape != (2,) or not np.issubdtype(pat.dtype, np.integer):
+            raise InvalidProblemError(f"The 'pattern' entry of {path} must be two integers (N, M). Got {pat!r}.")
+        pattern = (int(pat[0]), int(pat[1]))
     return BlockProblem(
         weights=_real_array(data, "w", path), n_keep=int(k), damping=float(lam), factor=_real_array(data, "X", path),
-        gradient=_real_array(data, "g", path) if "g" in files else None, label=label,
+        gradient=_real_array(data, "g", path) if "g" in files else None, label=label, pattern=pattern,
     )
 
 
@@ -87,6 +94,8 @@ def save_problem(path: str | Path, problem: BlockProblem) -> None:
     }
     if problem.gradient is not None:
         arrays["g"] = problem.gradient
+    if problem.pattern is not None:
+        arrays["pattern"] = np.array(problem.pattern, dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())

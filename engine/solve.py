@@ -145,6 +145,12 @@ def call_solver(solver: SubsetSolver, problem: BlockProblem, options: SolveOptio
     :class:`SolverCallError` (module docstring); the result gets ``wall_time`` (when the solver left it 0),
     ``time_limit`` and ``overshoot`` by the engine's clock."""
     name = _name(solver)
+    if problem.pattern is not None and not getattr(getattr(solver, "capabilities", None), "patterns", False):
+        N, M = problem.pattern
+        from .solvers.registry import pattern_solvers
+
+        raise InvalidOptionError(f"Solver '{name}' does not honour N:M patterns, and {_block(problem)} has pattern "
+                                 f"{N}:{M}. Solvers that do: {', '.join(pattern_solvers())}.")
     start = time.perf_counter()
     try:
         if warm_start is None:

@@ -71,3 +71,69 @@ def test_group_dual_bound_is_below_the_pattern_optimum(seed, pattern):
             broken = np.roll(broken, 1)
         as_support(p, broken)
     assert p.with_n_keep(p.n_keep).pattern == pattern
+
+
+# ------------------------------------------------------------------ solvers under a pattern (engine side)
+def _patterned(seed: int = 0, pattern=(2, 4), n: int = 16) -> BlockProblem:
+    rng = np.random.default_rng(seed)
+    N, M = pattern
+    return BlockProblem(rng.normal(size=n), n // M * N, 1e-2, factor=rng.normal(size=(24, n)), pattern=pattern)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "wanda"])
+def test_score_solvers_honour_the_pattern_and_carry_a_bound_below_the_optimum(name):
+    from engine.solve import solve_block
+
+    p = _patterned(pattern=(2, 4), n=12)
+    r = solve_block(p, name)
+    assert pattern_violation(r.support, (2, 4)) is None
+    assert r.bound is not None and r.bound <= _brute_pattern(p) + 1e-9 and r.bound <= r.objective
+
+
+def test_wanda_scores_are_weight_times_input_norm():
+    from engine.solvers.wanda import wanda_scores
+
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(50, 8))
+    w = rng.normal(size=8)
+    p = BlockProblem(w, 4, 1e-2, factor=A / np.sqrt(50))  # F = AᵀA/T, the reconstruction H of one row
+    expected = np.abs(w) * np.linalg.norm(A, axis=0) / np.sqrt(50)
+    np.testing.assert_allclose(wanda_scores(p), expected, rtol=1e-12)
+
+
+def test_a_solver_without_pattern_support_is_refused_by_name():
+    from engine.errors import InvalidOptionError
+    from engine.solve import solve_block
+
+    with pytest.raises(InvalidOptionError, match="Solver 'swap' does not honour N:M patterns.*pattern 2:4.*"
+                                                  "Solvers that do: magnitude, woodfisher, wanda"):
+        solve_block(_patterned(), "swap")
+
+
+def test_problem_files_carry_the_pattern(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+    from engine.problem_io import load_problem, save_problem
+
+    p = _patterned(pattern=(2, 4), n=12)
+    save_problem(tmp_path / "p.npz", p)
+    assert load_problem(tmp_path / "p.npz").pattern == (2, 4)
+    assert main(["solve", str(tmp_path / "p.npz"), "--solver", "wanda", "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["support"]
+    s = np.zeros(12, dtype=bool)
+    s[kept] = True
+    assert pattern_violation(s, (2, 4)) is None
+
+
+@pytest.mark.parametrize("pattern", [(1, 4), (2, 4), (1, 2)])
+def test_brute_force_proves_the_pattern_optimum(pattern):
+    from engine.autosolve import choose_solver
+    from engine.solve import solve_block
+
+    p = _patterned(seed=5, pattern=pattern, n=8)
+    r = solve_block(p, "brute_force")
+    assert r.status.value == "optimal" and pattern_violation(r.support, pattern) is None
+    assert abs(r.objective - _brute_pattern(p)) <= 1e-9 * max(1, abs(r.objective))
+    assert choose_solver(p)[0] == "brute_force"
+    assert choose_solver(_patterned(pattern=(2, 4), n=64))[0] == "woodfisher"

@@ -150,8 +150,14 @@ def test_true_claims_and_valid_bounds_stand(gradient, n, k):
     assert r.bound >= opt - 1e-3
 
 
+class _PatternLiar(_Liar):
+    capabilities = Capabilities(exact=True, reports_bound=True, patterns=True)
+
+
 def test_claims_on_an_n_m_block_are_judged_among_the_pattern_supports():
     from formulations.patterns import pattern_violation, top_per_group
+
+    _Liar = _PatternLiar  # noqa: N806 - the same liar, declaring that it honours patterns
 
     rng = np.random.default_rng(0)
     p = BlockProblem(rng.normal(size=8), 4, 0.1, factor=rng.normal(size=(16, 8)) / 4, label="b1", pattern=(2, 4))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import lapack
@@ -28,7 +28,7 @@ from ..errors import SolverUnavailableError
 from ..options import SolveOptions
 from ..result import SolveResult
 
-__all__ = ["Capabilities", "SubsetSolver", "top_k_support", "spd_inverse"]
+__all__ = ["Capabilities", "SubsetSolver", "top_k_support", "select_top", "spd_inverse"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Capabilities:
     reports_bound : it returns its own lower bound.
     max_size : the largest block size n it accepts (None: no limit).
     warm_start : it uses a warm-start support.
+    patterns : it honours a block's N:M pattern (``BlockProblem.pattern``); the engine refuses to give a
+        patterned block to a solver without it, and checks every returned support against the pattern.
     requires : importable module names it needs.
     extra : the pip extra that installs them (``pip install 'cbs-prune[EXTRA]'``).
     description : one line for ``cbs solvers``.
@@ -48,6 +50,7 @@ class Capabilities:
     reports_bound: bool = False
     max_size: int | None = None
     warm_start: bool = False
+    patterns: bool = False
     requires: tuple[str, ...] = ()
     extra: str | None = None
     description: str = ""
@@ -95,6 +98,16 @@ def top_k_support(scores: np.ndarray, k: int) -> np.ndarray:
         # stable argsort on -scores: equal scores keep the lower index first
         mask[np.argsort(-scores, kind="stable")[:k]] = True
     return mask
+
+
+def select_top(problem: BlockProblem, scores: np.ndarray) -> np.ndarray:
+    """Boolean support (n,) keeping the largest ``scores``: the ``n_keep`` largest overall, or under an N:M
+    pattern the N largest of every group of M (ties: lower index)."""
+    if problem.pattern is not None:
+        from formulations.patterns import top_per_group
+
+        return top_per_group(scores, problem.pattern)
+    return top_k_support(scores, problem.n_keep)
 
 
 def _symmetrize_lower(A: np.ndarray) -> np.ndarray:

@@ -65,7 +65,8 @@ class BruteForceSolver(SubsetSolver):
         reports_bound=True,
         max_size=24,
         warm_start=True,
-        description="Enumerate all C(n, k) supports (exact; tiny blocks only, the test oracle).",
+        patterns=True,
+        description="Enumerate all C(n, k) supports (exact; tiny blocks only, the test oracle; honours N:M).",
     )
 
     def __init__(self, max_size: int = 24, max_supports: int = 2_000_000) -> None:
@@ -80,6 +81,7 @@ class BruteForceSolver(SubsetSolver):
             reports_bound=True,
             max_size=self.max_size,
             warm_start=True,
+            patterns=True,
             description=type(self).capabilities.description,
         )
 
@@ -94,7 +96,8 @@ class BruteForceSolver(SubsetSolver):
                 "problem", "BruteForceSolver.solve()", f"a block of at most max_size = {self.max_size} weights",
                 f"n = {n}",
             )
-        count = math.comb(n, k)
+        pattern = problem.pattern
+        count = math.comb(n, k) if pattern is None else math.comb(pattern[1], pattern[0]) ** (n // pattern[1])
         if count > self.max_supports:
             raise invalid_option(
                 "problem",
@@ -119,7 +122,7 @@ class BruteForceSolver(SubsetSolver):
         scale = abs(base) + 0.5 * float(w @ H @ w) + float(np.abs(g) @ np.abs(w)) + 1e-300
         band = 1e-9 * scale
 
-        combos = itertools.combinations(range(n), m)
+        combos = _side_combinations(n, m, pattern, pruned_side)
         best_scores: list[np.ndarray] = []
         best_sets: list[np.ndarray] = []
         running_min = math.inf
@@ -199,6 +202,18 @@ class BruteForceSolver(SubsetSolver):
             extra={"enumerated": enumerated, "total": count, "side": "pruned" if pruned_side else "kept",
                    "rescored": len(candidates)},
         )
+
+
+def _side_combinations(n: int, m: int, pattern: tuple[int, int] | None, pruned_side: bool):
+    """Every index set of size m of the enumerated side (kept or pruned), in lexicographic order; under an
+    N:M pattern only the sets that keep N of every group of M (each group contributes N kept or M − N
+    pruned indices)."""
+    if pattern is None:
+        return itertools.combinations(range(n), m)
+    N, M = pattern
+    per_group = M - N if pruned_side else N
+    groups = [list(itertools.combinations(range(g * M, g * M + M), per_group)) for g in range(n // M)]
+    return (tuple(i for part in choice for i in part) for choice in itertools.product(*groups))
 
 
 def _kept_key(support: np.ndarray) -> tuple[int, ...]:

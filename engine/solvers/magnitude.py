@@ -14,7 +14,7 @@ from formulations.problem import BlockProblem
 
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, top_k_support
+from .base import Capabilities, SubsetSolver, select_top
 
 __all__ = ["MagnitudeSolver"]
 
@@ -23,7 +23,8 @@ class MagnitudeSolver(SubsetSolver):
     """Keep the ``n_keep`` largest ``|w_i|`` (ties: lower index first). O(n log n), no curvature used."""
 
     name = "magnitude"
-    capabilities = Capabilities(description="Keep the k largest |w_i| (baseline; ignores curvature).")
+    capabilities = Capabilities(patterns=True,
+                                description="Keep the k largest |w_i| (baseline; ignores curvature).")
 
     def __init__(self) -> None:
         pass
@@ -31,9 +32,9 @@ class MagnitudeSolver(SubsetSolver):
     def solve(
         self, problem: BlockProblem, options: SolveOptions, warm_start: np.ndarray | None = None
     ) -> SolveResult:
-        """Return the top-k support of ``|w|``; ``warm_start`` is ignored (the answer is unique)."""
+        """Return the top-k support of ``|w|`` (per group under an N:M pattern); ``warm_start`` is ignored."""
         start = time.perf_counter()
-        support = top_k_support(np.abs(problem.weights), problem.n_keep)
+        support = select_top(problem, np.abs(problem.weights))
         return SolveResult(
             support=support,
             status=Status.FEASIBLE,

@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "cbs.solvers"
 _BUILTIN: dict[str, str] = {
     "magnitude": "engine.solvers.magnitude:MagnitudeSolver",
     "woodfisher": "engine.solvers.woodfisher:WoodFisherSolver",
+    "wanda": "engine.solvers.wanda:WandaSolver",
     "greedy": "engine.solvers.greedy:GreedySolver",
     "cbs": "engine.solvers.local_search:CBSSolver",
     "iht": "engine.solvers.iht:IHTSolver",
@@ -176,6 +177,19 @@ def get_solver(solver: str | SubsetSolver, **params: Any) -> SubsetSolver:
                 f"({', '.join(names) or 'it takes none'}). Got {params[unknown[0]]!r}."
             )
     return factory(**params)
+
+
+def pattern_solvers() -> list[str]:
+    """The names of the available solvers whose capabilities say they honour N:M patterns."""
+    names = []
+    for name in solver_names():
+        try:
+            inst = get_solver(name)
+        except Exception:  # noqa: BLE001 - a solver that cannot be built is not offered
+            continue
+        if getattr(inst.capabilities, "patterns", False) and inst.available():
+            names.append(name)
+    return names
 
 
 @dataclass(frozen=True)

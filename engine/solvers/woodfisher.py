@@ -40,7 +40,7 @@ from formulations.problem import BlockProblem
 from ..errors import invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, _symmetrize_lower, spd_inverse, top_k_support
+from .base import Capabilities, SubsetSolver, _symmetrize_lower, spd_inverse, select_top
 
 __all__ = [
     "WoodFisherSolver",
@@ -184,7 +184,8 @@ class WoodFisherSolver(SubsetSolver):
 
     name = "woodfisher"
     capabilities = Capabilities(
-        description="Keep the k largest OBS scores w_i^2/[H^-1]_ii (WoodFisher; Woodbury when N < n)."
+        patterns=True,
+        description="Keep the k largest OBS scores w_i^2/[H^-1]_ii (WoodFisher; Woodbury when N < n).",
     )
 
     def __init__(self, method: str = "auto", chunk_mb: float = DEFAULT_CHUNK_BYTES / 2**20) -> None:
@@ -200,12 +201,12 @@ class WoodFisherSolver(SubsetSolver):
     def solve(
         self, problem: BlockProblem, options: SolveOptions, warm_start: np.ndarray | None = None
     ) -> SolveResult:
-        """Top-k support of the OBS scores; ``warm_start`` is ignored."""
+        """Top-k support of the OBS scores (per group under an N:M pattern); ``warm_start`` is ignored."""
         start = time.perf_counter()
         chunk_bytes = max(1, int(self.chunk_mb * 2**20))
         chosen = _choose_method(problem, self.method)
         scores = obs_scores(problem, chosen, chunk_bytes)
-        support = top_k_support(scores, problem.n_keep)
+        support = select_top(problem, scores)
         return SolveResult(
             support=support,
             status=Status.FEASIBLE,
