@@ -66,6 +66,20 @@ class _ConfigMethods:
             raise invalid_option("update", where, "True when block_steps is on (it scales the update)", self.update)
         if self.couple_mean and not self.first_order:
             raise invalid_option("first_order", where, "True when couple_mean is on", False)
+        if self.pattern is not None:
+            implied = 1.0 - self.pattern[0] / self.pattern[1]
+            if self.objective != "reconstruction":
+                raise invalid_option("pattern", where, "unstructured unless objective is 'reconstruction' (N:M blocks "
+                                     "of the Fisher objective are not built yet)", f"{self.pattern[0]}:{self.pattern[1]}")
+            if abs(self.sparsity - implied) > 1e-9:
+                raise invalid_option("sparsity", where, f"1 - N/M = {implied:g} with pattern "
+                                     f"{self.pattern[0]}:{self.pattern[1]}", self.sparsity)
+        if self.method_name == "sparsegpt" and self.objective != "reconstruction":
+            raise invalid_option("method", where, "a solver name; sparsegpt needs objective 'reconstruction'",
+                                 "'sparsegpt'")
+        if self.objective == "reconstruction" and self.stages != 1:
+            raise invalid_option("stages", where, "1 with objective 'reconstruction' (one pass, layer by layer)",
+                                 self.stages)
         if self.compensate and not self.first_order:
             raise invalid_option("first_order", where, "True when compensate names parameters (without the "
                                  "gradient term their update is zero)", False)

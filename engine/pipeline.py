@@ -28,6 +28,7 @@ from .params import select_parameters
 from .progress import get_logger, progress
 from .pruner import check_prune_inputs, prune
 from .recommend import as_dict, describe, profile_of, recommend
+from .reconstruction import RECONSTRUCTION_METHOD, check_reconstruction_inputs, prune_reconstruction
 from .records import environment, to_jsonable, write_folder_atomic
 from .settings import PRUNE_OPTIONS
 from .sources import Samples, as_samples
@@ -163,13 +164,19 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
     x, _ = train.first()
     profile = profile_of(model, names, len(train), x.ndim)
     rec = recommend(profile, sparsity, settings.get("method"))
+    if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
+        rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "bn_reestimate": rec["bn_reestimate"],
+               "bn_augment": rec["bn_augment"]}
     rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
     if bn_reestimate is None:
         bn_reestimate = rec_bn
     if not bn_reestimate and "step_search_bn" not in settings:
         rec["step_search_bn"] = False
     config = PruneConfig(sparsity=sparsity, **{**rec, **settings})
-    check_prune_inputs(model, names, len(train), config, transposed)
+    if config.objective == "reconstruction":
+        check_reconstruction_inputs(model, names, len(train), config)
+    else:
+        check_prune_inputs(model, names, len(train), config, transposed)
     bn = BatchNormPlan(bn_samples, bn_augment or rec_augment) if bn_reestimate else None
     chosen = describe({**config.to_dict(), "bn_reestimate": bool(bn_reestimate)},
                       given={k: getattr(config, k) for k in settings})
@@ -187,8 +194,11 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None) ->
     config, show = run.config, run.config.progress
     dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
     on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric, show=show)
-    report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
-                   on_stage=on_stage if config.stages > 1 else None, cache=cache)
+    if config.objective == "reconstruction":
+        report = prune_reconstruction(run.model, run.names, run.train, config)
+    else:
+        report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
+                       on_stage=on_stage if config.stages > 1 else None, cache=cache)
     record: dict[str, Any] = {**run.describe, "method": config.method_name, "update": config.applies_update,
                               "sparsity": config.sparsity, "achieved_sparsity": report.achieved_sparsity,
                               "recommendation": run.chosen}

@@ -157,6 +157,9 @@ _DESCRIBED = frozenset(("method", "fisher_samples", "fisher_batch", "damping", "
                         "allocation", "compensate", "bn_reestimate", "progress", *_SWITCHES, *_ADVANCED))
 
 
+_RECONSTRUCTION_SHOWN = frozenset(("objective", "calibration_samples", "sequential", "pattern"))
+
+
 def _flag_form(name: str, value: Any) -> list[str]:
     """``name=value`` as the flags that set it (``--param NAME=VALUE`` for the advanced ones)."""
     from .settings import PRUNE_OPTIONS
@@ -169,6 +172,8 @@ def _flag_form(name: str, value: Any) -> list[str]:
         return [f"--param {name}={shown}"]
     if option.kind == "bool":
         return [option.flag] if value else []
+    if name == "pattern":
+        return [f"--pattern {value[0]}:{value[1]}"]
     return [f"{option.flag} {shown}"]
 
 
@@ -176,6 +181,18 @@ def describe(settings: dict[str, Any], given: dict[str, Any] | None = None) -> s
     """One line for the log: settings in flag form (advanced ones as ``--param NAME=true``), then the user's
     other settings (``given``: what the user set that the line's fixed part does not show, e.g. ``--seed``,
     ``--time-limit``, solver parameters), so the line is the run's whole configuration."""
+    if settings.get("objective") == "reconstruction":
+        flags = ["--objective reconstruction", f"--method {getattr(settings['method'], 'name', settings['method'])}",
+                 f"--calibration-samples {settings['calibration_samples']}",
+                 "--sequential" if settings.get("sequential", True) else "--no-sequential"]
+        if settings.get("pattern"):
+            flags.append(f"--pattern {settings['pattern'][0]}:{settings['pattern'][1]}")
+        if "bn_reestimate" in settings:
+            flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
+        for name, value in (given or {}).items():
+            if name not in _DESCRIBED and name not in _RECONSTRUCTION_SHOWN and value is not None:
+                flags += _flag_form(name, value)
+        return " ".join(flags)
     flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
              f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
              f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",

@@ -200,6 +200,16 @@ def _compensate(value: Any, where: str) -> Any:
     raise invalid_option("compensate", where, "'rest', 'norm' or a tuple of parameter names", repr(value))
 
 
+def _pattern(value: Any, where: str) -> Any:
+    from formulations.patterns import parse_pattern
+
+    try:
+        return parse_pattern(value)
+    except ValueError:
+        raise invalid_option("pattern", where, "'unstructured' or N:M with integers 1 <= N < M (e.g. 2:4)",
+                             repr(value)) from None
+
+
 def _solver_params(value: Any, where: str) -> Any:
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return dict(value)
@@ -230,6 +240,13 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
        "training loss"),
     _S("loss_samples", "int", None, "training samples scoring masks and steps (default: the Fisher samples)", 1,
        nullable=True),
+    _S("objective", "choice", "fisher", "the Fisher model of the loss, or layer-wise output reconstruction",
+       choices=("fisher", "reconstruction")),
+    _S("calibration_samples", "int", 128, "reconstruction: samples whose layer inputs build H", 1),
+    _S("sequential", "bool", True, "reconstruction: layers see the pruned layers' outputs"),
+    _S("pattern", "object", None, "reconstruction: keep N of every M inputs of a row", validator=_pattern,
+       nullable=True,
+       metavar="N:M", reader=lambda text: text, allowed_text="'unstructured' or N:M with integers 1 <= N < M"),
     _S("seed", "int", 0, "seeds every sample draw and every solver", 0),
     _S("time_limit", "float", None, "per-block solver time limit in seconds", 0.0, low_open=True, nullable=True),
     _S("workers", "int", 1, "processes solving blocks in parallel", 1),

@@ -91,3 +91,57 @@ def test_bad_inputs():
     emb = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2))
     with pytest.raises(CBSError, match="is a Embedding"):
         prune_layerwise(emb, ["0.weight"], [torch.zeros(2, 3, dtype=torch.long)], sparsity=0.5)
+
+
+def _cli(tmp_path, *extra):
+    return ["prune", "--model", "mlpnet", "--objective", "reconstruction", "--calibration-samples", "64",
+            "--out", str(tmp_path / "o"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsity", "0.6", "--pattern", "2:4"], "'sparsity' argument of prune() must be 1 - N/M = 0.5"),
+    (["--sparsity", "0.5", "--pattern", "4:4"], "'unstructured' or N:M with integers 1 <= N < M"),
+    (["--sparsity", "0.5", "--pattern", "1:2", "--method", "swap"], "sparsegpt or a solver that honours N:M"),
+    (["--sparsity", "2/3", "--pattern", "1:3"], "must be a number in [0, 1)"),
+    (["--sparsity", "0.5", "--calibration-samples", "70000"], "at most the 60000 training samples"),
+    (["--sparsity", "0.5", "--stages", "4"], "'stages' argument of prune() must be 1 with objective 'reconstruction'"),
+])
+def test_cli_rejections_before_any_work(tmp_path, capsys, extra, message):
+    argv = _cli(tmp_path, *extra)
+    try:
+        code = __import__("engine.cli", fromlist=["main"]).main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_fisher_objective_refuses_patterns_and_sparsegpt(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--pattern", "2:4", "--method", "magnitude",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "unstructured unless objective is 'reconstruction'" in capsys.readouterr().err
+    assert main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "sparsegpt",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "sparsegpt needs objective 'reconstruction'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--sparsity", "0.5", "--method", "wanda"],
+                                   ["--sparsity", "0.5", "--pattern", "2:4", "--method", "sparsegpt"]])
+def test_cli_reconstruction_end_to_end_on_mlpnet(tmp_path, shared_data, capsys, extra):
+    import json
+
+    from engine.cli import main
+
+    assert main(_cli(tmp_path, *extra, "--data-dir", str(shared_data))) == 0
+    rec = json.loads((tmp_path / "o" / "record.json").read_text())
+    assert rec["settings"]["objective"] == "reconstruction" and rec["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert rec["accuracy"] > 85 and len(rec["blocks"]) == 3
+    for b in rec["blocks"]:
+        assert b["bound"] <= b["objective"] * (1 + 1e-9) and b["extra"]["reconstruction_error"] >= 0
+    assert "--objective reconstruction" in rec["recommendation"]
+    if "--pattern" in extra:
+        mask = torch.load(tmp_path / "o" / "mask.pt", weights_only=True)
+        assert all(pattern_violation(row, (2, 4)) is None for m in mask.values() for row in m.numpy())
