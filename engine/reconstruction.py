@@ -19,11 +19,13 @@ from .errors import invalid_option
 from .layerwise import prune_layerwise
 from .sources import Samples
 
-__all__ = ["RECONSTRUCTION_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
+__all__ = ["RECONSTRUCTION_METHOD", "PATTERN_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
 
 #: the method the recommendation takes with --objective reconstruction (docs/layerwise.md: OBC's greedy OBS
 #: per row, then the refit, had the lowest charlm validation loss of the methods measured first)
 RECONSTRUCTION_METHOD = "greedy"
+#: the same under an N:M pattern (greedy does not honour patterns)
+PATTERN_METHOD = "sparsegpt"
 
 #: calibration samples per forward pass
 _BATCH = 32

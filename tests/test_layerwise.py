@@ -145,3 +145,16 @@ def test_cli_reconstruction_end_to_end_on_mlpnet(tmp_path, shared_data, capsys, 
     if "--pattern" in extra:
         mask = torch.load(tmp_path / "o" / "mask.pt", weights_only=True)
         assert all(pattern_violation(row, (2, 4)) is None for m in mask.values() for row in m.numpy())
+
+
+def test_the_recommendation_under_a_pattern_is_a_pattern_method():
+    from engine.pipeline import prepare
+
+    model, _, batches = _toy()
+    x = torch.cat(batches)
+    run = prepare(model, (x, torch.zeros(len(x), dtype=torch.long)), sparsity=0.5,
+                  settings={"objective": "reconstruction", "pattern": "2:4", "calibration_samples": 32})
+    assert run.config.method == "sparsegpt" and "--pattern 2:4" in run.chosen
+    run = prepare(model, (x, torch.zeros(len(x), dtype=torch.long)), sparsity=0.5,
+                  settings={"objective": "reconstruction"})
+    assert run.config.method == "greedy" and run.config.calibration_samples == len(x)  # shrunk to the data and run.config.stages == 1

@@ -1,0 +1,106 @@
+"""Layer-wise reconstruction pruning of charlm: every method at every sparsity / pattern, validation loss, summed
+reconstruction error, certified gap, seconds. Writes JSONL records (one per run; a rerun skips the ones done)
+and a markdown table.
+
+    python scripts/layerwise_study.py [--sparsities 0.5 0.6 0.7 0.8] [--patterns 2:4 4:8]
+        [--methods magnitude wanda sparsegpt greedy] [--seeds 0] [--calibration 128] [--windows 200]
+        [--out results/layerwise]
+
+Calibration: ``--calibration`` training windows drawn with the seed; evaluation: ``--windows`` validation windows
+of engine.charlm's protocol (all 871 with --windows 0). Needs ../shared/data (or --data-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.charlm import charlm_data, evaluate_charlm, load_charlm  # noqa: E402
+from engine.layerwise import prune_layerwise  # noqa: E402
+from engine.params import select_parameters  # noqa: E402
+from engine.records import append_jsonl, environment, read_jsonl  # noqa: E402
+from engine.solvers.registry import get_solver  # noqa: E402
+from formulations.patterns import parse_pattern  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "greedy"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "layerwise")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records_path = args.out / "charlm.jsonl"
+    done = {(r["method"], r["setting"], r["seed"]) for r in read_jsonl(records_path)} if records_path.exists() else set()
+    model, _ = load_charlm()
+    train, val = charlm_data(args.data_dir)
+    names, _ = select_parameters(model)
+    windows = None if args.windows == 0 else args.windows
+    dense = evaluate_charlm(model, val, windows=windows).loss
+    settings = [(f"{s:g}", s, None) for s in args.sparsities] + [(p, None, parse_pattern(p)) for p in args.patterns]
+    for seed in args.seeds:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: args.calibration]
+        calibration = [torch.stack([train[int(i)][0] for i in order[s : s + 32]]) for s in range(0, len(order), 32)]
+        for label, sparsity, pattern in settings:
+            for method in args.methods:
+                if (method, label, seed) in done:
+                    continue
+                if pattern is not None and method != "sparsegpt" and not get_solver(method).capabilities.patterns:
+                    continue  # the method cannot keep N of every M
+                pruned = copy.deepcopy(model)
+                start = time.perf_counter()
+                _, layers = prune_layerwise(pruned, names, calibration, sparsity=sparsity, pattern=pattern,
+                                            method=method)
+                seconds = time.perf_counter() - start
+                score = evaluate_charlm(pruned, val, windows=windows)
+                gaps = [r.gap for r in layers if r.gap is not None]
+                record = {"method": method, "setting": label, "seed": seed, "val_loss": score.loss,
+                          "perplexity": score.perplexity, "dense_val_loss": dense, "seconds": seconds,
+                          "error": sum(r.error for r in layers),
+                          "method_error": (sum(r.method_error for r in layers)
+                                           if all(r.method_error is not None for r in layers) else None),
+                          "max_gap": max(gaps) if gaps else None,
+                          "rows_proven": sum(r.rows_proven * r.d_out for r in layers) / sum(r.d_out for r in layers),
+                          "layers": [r.__dict__ for r in layers], "calibration": args.calibration,
+                          "windows": args.windows, "environment": environment()}
+                append_jsonl(records_path, record)
+                print(f"seed {seed} {label:>5} {method:<10} val {score.loss:.4f} (dense {dense:.4f}) "
+                      f"error {record['error']:.4g} {seconds:.1f} s", file=sys.stderr)
+    rows = read_jsonl(records_path)
+    labels = [s[0] for s in settings]
+    lines = [f"Validation loss of charlm (dense {dense:.4f}; {args.windows or 871} windows), mean over seeds "
+             f"{args.seeds}; in brackets the summed layer reconstruction error and seconds.", "",
+             "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for method in args.methods:
+        cells = []
+        for label in labels:
+            got = [r for r in rows if r["method"] == method and r["setting"] == label and r["seed"] in args.seeds]
+            if not got:
+                cells.append("–")
+                continue
+            mean = lambda key: sum(r[key] for r in got) / len(got)  # noqa: E731
+            cells.append(f"{mean('val_loss'):.4f} ({mean('error'):.3g}, {mean('seconds'):.0f} s)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (args.out / "charlm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {records_path} and {args.out / 'charlm.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
