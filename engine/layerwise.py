@@ -104,12 +104,15 @@ def _modules(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Modul
 def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterable[Any], *,
                     sparsity: float | None = None, pattern: tuple[int, int] | None = None, method: str = "sparsegpt",
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
-                    solver_params: dict[str, Any] | None = None, block: int = 128,
+                    solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
                     on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
                                                                                      list[LayerRecord]]:
     """Prune ``names`` (weight parameter names) of ``model`` in place, layer by layer; returns (kept masks by
     parameter name, one :class:`LayerRecord` per layer). ``calibration``: a re-iterable of input batches (or
-    (inputs, targets) pairs). ``sparsity`` (uniform per row) or ``pattern`` (N, M) sets the budget."""
+    (inputs, targets) pairs). ``sparsity`` (uniform per row) or ``pattern`` (N, M) sets the budget. ``refit``:
+    the kept weights get the closed-form refit; without it they keep their values (masking), or for
+    ``sparsegpt`` its own compensated weights (the method as published). Records report the objective and
+    the reconstruction error of the weights written, and the bound of the support."""
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
@@ -135,7 +138,7 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         k = d_in // pattern[1] * pattern[0] if pattern is not None else int(round((1 - sparsity) * d_in))
         X = _shared_factor(H)
         base = [BlockProblem(W[i], k, lam, factor=X, label=f"{mname}[{i}]", pattern=pattern) for i in range(d_out)]
-        extra: dict[str, Any] = {"lambda": lam, "calibration_rows": gram.rows}
+        extra: dict[str, Any] = {"lambda": lam, "calibration_rows": gram.rows, "refit": refit}
         method_error = None
         if solver is None:
             Hd = H + lam * np.eye(d_in)
@@ -152,11 +155,16 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                 r = solve_block(p, solver, SolveOptions(time_limit=time_limit))
                 supports.append(r.support)
                 bounds.append(r.bound)
-        sols = [obj.optimal_update(p, s) for p, s in zip(problems, supports)]
-        V = np.stack([s.weights for s in sols])
-        objective = float(sum(s.objective for s in sols))
+        if refit:
+            sols = [obj.optimal_update(p, s) for p, s in zip(problems, supports)]
+            V = np.stack([s.weights for s in sols])
+            values = [s.objective for s in sols]
+        else:
+            V = own if solver is None else np.where(np.stack(supports), W, 0.0)
+            values = [obj.quadratic_model(p, V[i]) for i, p in enumerate(problems)]
+        objective = float(sum(values))
         bound = None if any(b is None for b in bounds) else float(sum(bounds))
-        gaps = [obj.relative_gap(s.objective, b) for s, b in zip(sols, bounds)]
+        gaps = [obj.relative_gap(v, b) for v, b in zip(values, bounds)]
         proven = float(np.mean([g is not None and g <= 1e-9 for g in gaps]))
         _write_rows(module, transposed, V)
         kept_mask = torch.from_numpy(np.stack(supports))

@@ -35,7 +35,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "greedy"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "magnitude+refit",
+                                                         "wanda+refit", "sparsegpt+refit", "greedy+refit"],
+                        help="a method name: the mask with the kept weights as they are (sparsegpt: its own "
+                        "weights, as published); NAME+refit: the closed-form refit of the kept weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--windows", type=int, default=200)
@@ -60,12 +63,13 @@ def main() -> int:
             for method in args.methods:
                 if (method, label, seed) in done:
                     continue
-                if pattern is not None and method != "sparsegpt" and not get_solver(method).capabilities.patterns:
+                base, refit = method.removesuffix("+refit"), method.endswith("+refit")
+                if pattern is not None and base != "sparsegpt" and not get_solver(base).capabilities.patterns:
                     continue  # the method cannot keep N of every M
                 pruned = copy.deepcopy(model)
                 start = time.perf_counter()
                 _, layers = prune_layerwise(pruned, names, calibration, sparsity=sparsity, pattern=pattern,
-                                            method=method)
+                                            method=base, refit=refit)
                 seconds = time.perf_counter() - start
                 score = evaluate_charlm(pruned, val, windows=windows)
                 gaps = [r.gap for r in layers if r.gap is not None]

@@ -157,4 +157,19 @@ def test_the_recommendation_under_a_pattern_is_a_pattern_method():
     assert run.config.method == "sparsegpt" and "--pattern 2:4" in run.chosen
     run = prepare(model, (x, torch.zeros(len(x), dtype=torch.long)), sparsity=0.5,
                   settings={"objective": "reconstruction"})
-    assert run.config.method == "greedy" and run.config.calibration_samples == len(x)  # shrunk to the data and run.config.stages == 1
+    assert run.config.method == "greedy" and run.config.stages == 1
+    assert run.config.calibration_samples == len(x)  # shrunk to the data
+
+
+def test_without_refit_the_method_weights_are_written():
+    model, names, batches = _toy(4)
+    W1 = model[0].weight.detach().clone()
+    masks, records = prune_layerwise(copy.deepcopy(model), names, batches, sparsity=0.5, method="sparsegpt",
+                                     refit=False)
+    assert records[0].error == pytest.approx(records[0].method_error, rel=1e-9)
+    pruned = copy.deepcopy(model)
+    masks, records = prune_layerwise(pruned, names, batches, sparsity=0.5, method="magnitude", refit=False)
+    assert torch.equal(pruned[0].weight, torch.where(masks["0.weight"], W1, torch.zeros_like(W1)))
+    refitted = copy.deepcopy(model)
+    _, again = prune_layerwise(refitted, names, batches, sparsity=0.5, method="magnitude", sequential=False)
+    assert again[0].error <= records[0].error + 1e-12 and again[0].bound == pytest.approx(records[0].bound)
