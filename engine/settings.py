@@ -277,7 +277,7 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
 
 #: the settings of a whole run besides PruneConfig (engine.pipeline.prepare and ``cbs prune``)
 JOB_OPTIONS: tuple[Option, ...] = (
-    _S("model", "str", REQUIRED, "mlpnet, resnet20, FILE.py:FUNC, package.module:FUNC, hf:LOCAL_DIR or timm:NAME",
+    _S("model", "str", REQUIRED, "mlpnet, resnet20, charlm, FILE.py:FUNC, package.module:FUNC, hf:DIR or timm:NAME",
        metavar="SPEC"),
     _S("checkpoint", "str", None, "state dict to load (.pt/.pth/.ckpt/.npz/.safetensors); zoo: the shared one",
        nullable=True, metavar="PATH"),
