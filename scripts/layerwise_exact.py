@@ -36,7 +36,7 @@ from formulations.problem import BlockProblem  # noqa: E402
 from formulations.sparsegpt import sparsegpt  # noqa: E402
 
 HEURISTICS = {"unstructured": ["magnitude", "wanda", "woodfisher", "greedy", "swap"],
-              "pattern": ["magnitude", "wanda", "woodfisher", "sparsegpt"]}
+              "pattern": ["magnitude", "wanda", "woodfisher", "sparsegpt", "swap"]}
 
 
 def main() -> int:

@@ -101,7 +101,7 @@ def _cli(tmp_path, *extra):
 @pytest.mark.parametrize("extra,message", [
     (["--sparsity", "0.6", "--pattern", "2:4"], "'sparsity' argument of prune() must be 1 - N/M = 0.5"),
     (["--sparsity", "0.5", "--pattern", "4:4"], "'unstructured' or N:M with integers 1 <= N < M"),
-    (["--sparsity", "0.5", "--pattern", "1:2", "--method", "swap"], "sparsegpt or a solver that honours N:M"),
+    (["--sparsity", "0.5", "--pattern", "1:2", "--method", "greedy"], "sparsegpt or a solver that honours N:M"),
     (["--sparsity", "2/3", "--pattern", "1:3"], "must be a number in [0, 1)"),
     (["--sparsity", "0.5", "--calibration-samples", "70000"], "at most the 60000 training samples"),
     (["--sparsity", "0.5", "--stages", "4"], "'stages' argument of prune() must be 1 with objective 'reconstruction'"),

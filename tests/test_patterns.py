@@ -80,7 +80,7 @@ def _patterned(seed: int = 0, pattern=(2, 4), n: int = 16) -> BlockProblem:
     return BlockProblem(rng.normal(size=n), n // M * N, 1e-2, factor=rng.normal(size=(24, n)), pattern=pattern)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "wanda"])
+@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "wanda", "swap"])
 def test_score_solvers_honour_the_pattern_and_carry_a_bound_below_the_optimum(name):
     from engine.solve import solve_block
 
@@ -105,9 +105,20 @@ def test_a_solver_without_pattern_support_is_refused_by_name():
     from engine.errors import InvalidOptionError
     from engine.solve import solve_block
 
-    with pytest.raises(InvalidOptionError, match="Solver 'swap' does not honour N:M patterns.*pattern 2:4.*"
-                                                  "Solvers that do: magnitude, woodfisher, wanda"):
-        solve_block(_patterned(), "swap")
+    with pytest.raises(InvalidOptionError, match="Solver 'greedy' does not honour N:M patterns.*pattern 2:4.*"
+                                                  "Solvers that do: magnitude, woodfisher, wanda, swap"):
+        solve_block(_patterned(), "greedy")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_swap_under_a_pattern_never_loses_to_its_start_and_often_finds_the_optimum(seed):
+    from engine.solve import solve_block
+
+    p = _patterned(seed=seed, pattern=(2, 4), n=12)
+    start = solve_block(p, "magnitude").objective
+    r = solve_block(p, "swap")
+    assert pattern_violation(r.support, (2, 4)) is None and r.objective <= start + 1e-12
+    assert r.objective >= _brute_pattern(p) - 1e-9
 
 
 def test_problem_files_carry_the_pattern(tmp_path, capsys):

@@ -30,6 +30,9 @@ exact u_p) makes the best swap if it lowers E by more than ``tol``·|E|. The sea
 makes no swap (``LOCAL_OPTIMUM``: no improving swap among the candidates; not a proof over all k(n−k)
 pairs), after ``max_rounds`` rounds or at the time limit.
 
+**N:M patterns.** A swap replaces a kept weight by a pruned one of the same group of M, so a pattern support
+stays one; the start solvers honour the pattern.
+
 **Start.** The best (lowest E) of the ``warm_start`` support and the supports of the ``start`` solvers
 (default magnitude), so it never returns worse than its start. Memory: A is k×k and X_S N×k in float64;
 blocks with k > ``max_keep`` are returned at the start with a warning (use chunks, or ``iht``).
@@ -62,8 +65,9 @@ class SwapSolver(SubsetSolver):
 
     name = "swap"
     capabilities = Capabilities(
-        exact=False, reports_bound=False, warm_start=True,
-        description="swap local search on the true E(S) (loss after the update), exact low-rank updates",
+        exact=False, reports_bound=False, warm_start=True, patterns=True,
+        description="swap local search on the true E(S) (loss after the update), exact low-rank updates; N:M: "
+        "swaps inside a group",
     )
 
     def __init__(self, start: str | list[str] | tuple[str, ...] = ("magnitude",), candidates: int = 64,
@@ -129,6 +133,7 @@ class SwapSolver(SubsetSolver):
         y = problem.target()
         col_norm2 = problem.fisher_diagonal()
         state = _State(X, w, lam, g, y, np.flatnonzero(support))
+        state.group = None if problem.pattern is None else problem.pattern[1]  # N:M: swaps stay inside a group
         e_start = state.objective()
         termination = Termination.ITERATION_LIMIT
         swaps_since = 0
@@ -180,6 +185,7 @@ class _State:
         self.idx = idx.astype(np.intp).copy()
         self.XS = np.asarray(X[:, self.idx], dtype=np.float64, order="F")
         self.cands = np.zeros(0, dtype=np.intp)
+        self.group: int | None = None
         self.refactor()
 
     def refactor(self) -> None:
@@ -235,6 +241,8 @@ class _State:
         v1 = self.v + t * (up / s)
         a_diag = np.diag(self.A) + t * t / s
         delta = -up * up / (2 * s) + v1 * v1 / (2 * a_diag)
+        if self.group is not None:  # under N:M only a kept weight of p's own group may leave
+            delta = np.where(self.idx // self.group == p // self.group, delta, np.inf)
         j = int(np.argmin(delta))
         if not delta[j] < -threshold:
             return False
