@@ -35,8 +35,8 @@ from formulations.patterns import parse_pattern  # noqa: E402
 from formulations.problem import BlockProblem  # noqa: E402
 from formulations.sparsegpt import sparsegpt  # noqa: E402
 
-HEURISTICS = {"unstructured": ["magnitude", "wanda", "woodfisher", "greedy", "swap"],
-              "pattern": ["magnitude", "wanda", "woodfisher", "sparsegpt", "swap"]}
+HEURISTICS = {"unstructured": ["magnitude", "wanda", "woodfisher", "greedy", "admm", "swap"],
+              "pattern": ["magnitude", "wanda", "woodfisher", "sparsegpt", "admm", "swap"]}
 
 
 def main() -> int:

@@ -148,3 +148,21 @@ def test_brute_force_proves_the_pattern_optimum(pattern):
     assert abs(r.objective - _brute_pattern(p)) <= 1e-9 * max(1, abs(r.objective))
     assert choose_solver(p)[0] == "brute_force"
     assert choose_solver(_patterned(pattern=(2, 4), n=64))[0] == "woodfisher"
+
+
+def test_admm_beats_its_magnitude_start_on_average_and_honours_patterns():
+    from engine.solve import solve_block
+
+    excess = {"magnitude": [], "admm": []}
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(6, 3)) @ rng.normal(size=(3, 12)) + 0.1 * rng.normal(size=(6, 12))
+        p = BlockProblem(rng.normal(size=12), 6, 1e-2, factor=X)
+        opt = min(support_objective(p, s) for s in (
+            np.isin(np.arange(12), c) for c in itertools.combinations(range(12), 6)))
+        for m in excess:
+            excess[m].append(solve_block(p, m).objective / opt - 1)
+        q = _patterned(seed=seed, pattern=(2, 4), n=12)
+        r = solve_block(q, "admm")
+        assert pattern_violation(r.support, (2, 4)) is None and r.objective >= _brute_pattern(q) - 1e-9
+    assert np.mean(excess["admm"]) < 0.5 * np.mean(excess["magnitude"])

@@ -35,6 +35,7 @@ _BUILTIN: dict[str, str] = {
     "cbs": "engine.solvers.local_search:CBSSolver",
     "iht": "engine.solvers.iht:IHTSolver",
     "swap": "engine.solvers.swap:SwapSolver",
+    "admm": "engine.solvers.admm:ADMMSolver",
     "brute_force": "engine.solvers.brute_force:BruteForceSolver",
     "bnb": "engine.solvers.branch_and_bound:BranchAndBoundSolver",
     "highs": "engine.solvers.highs:HighsSolver",
