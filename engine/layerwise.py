@@ -86,6 +86,23 @@ def _shared_factor(H: np.ndarray) -> np.ndarray:
     return X
 
 
+def _row_budgets(rows: list[BlockProblem], n_keep: int, allocation: str) -> list[int]:
+    """k_i per row with Σ k_i = n_keep (see :func:`prune_layerwise`)."""
+    from formulations.allocation import allocate_global
+
+    if allocation == "loss_curve":
+        from .budget import loss_curve_allocation
+
+        return loss_curve_allocation(rows, n_keep).n_keep
+    if allocation == "magnitude":
+        return allocate_global([np.abs(p.weights) for p in rows], n_keep)
+    if allocation == "obs":
+        from .solvers.woodfisher import obs_scores
+
+        return allocate_global([obs_scores(p) for p in rows], n_keep)
+    raise invalid_option("allocation", "prune_layerwise()", "uniform, magnitude, obs or loss_curve", repr(allocation))
+
+
 def _modules(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, bool]]:
     from .hub import is_transposed_linear
 
@@ -105,6 +122,7 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                     sparsity: float | None = None, pattern: tuple[int, int] | None = None, method: str = "sparsegpt",
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
                     solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
+                    allocation: str = "uniform",
                     on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
                                                                                      list[LayerRecord]]:
     """Prune ``names`` (weight parameter names) of ``model`` in place, layer by layer; returns (kept masks by
@@ -112,10 +130,19 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     (inputs, targets) pairs). ``sparsity`` (uniform per row) or ``pattern`` (N, M) sets the budget. ``refit``:
     the kept weights get the closed-form refit; without it they keep their values (masking), or for
     ``sparsegpt`` its own compensated weights (the method as published). Records report the objective and
-    the reconstruction error of the weights written, and the bound of the support."""
+    the reconstruction error of the weights written, and the bound of the support. ``allocation`` splits a
+    layer's budget K = round((1 − sparsity) · d_out · d_in) over its rows: ``uniform`` (the same k in every row,
+    the layer-wise convention), ``magnitude`` or ``obs`` (one threshold on |w| or on the OBS score over the
+    layer), or ``loss_curve`` (the exact knapsack over the rows' measured curves E_i(k), :mod:`engine.budget`;
+    rows of one layer share the units of the layer's output error). SparseGPT picks its own per-row counts."""
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
+    if allocation not in ("uniform", "magnitude", "obs", "loss_curve"):
+        raise invalid_option("allocation", where, "uniform, magnitude, obs or loss_curve", repr(allocation))
+    if pattern is not None and allocation != "uniform":
+        raise invalid_option("allocation", where, "uniform with an N:M pattern (it fixes every row's count)",
+                             repr(allocation))
     if not 0 < rel_damping < 1e3:
         raise invalid_option("rel_damping", where, "a number in (0, 1000)", rel_damping)
     batches = list(calibration)
@@ -138,6 +165,9 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         k = d_in // pattern[1] * pattern[0] if pattern is not None else int(round((1 - sparsity) * d_in))
         X = _shared_factor(H)
         base = [BlockProblem(W[i], k, lam, factor=X, label=f"{mname}[{i}]", pattern=pattern) for i in range(d_out)]
+        if allocation != "uniform" and pattern is None and solver is not None:
+            ks = _row_budgets(base, int(round((1 - sparsity) * d_out * d_in)), allocation)
+            base = [p.with_n_keep(int(kb)) for p, kb in zip(base, ks)]
         extra: dict[str, Any] = {"lambda": lam, "calibration_rows": gram.rows, "refit": refit}
         method_error = None
         if solver is None:

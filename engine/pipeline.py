@@ -167,7 +167,7 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
     rec = recommend(profile, sparsity, settings.get("method"))
     if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
         patterned = settings.get("pattern") not in (None, "unstructured")
-        rec = {"method": PATTERN_METHOD if patterned else RECONSTRUCTION_METHOD, "stages": 1,
+        rec = {"method": PATTERN_METHOD if patterned else RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
                "calibration_samples": min(option("calibration_samples").default, len(train)),
                "bn_reestimate": rec["bn_reestimate"],
                "bn_augment": rec["bn_augment"]}

@@ -157,7 +157,7 @@ _DESCRIBED = frozenset(("method", "fisher_samples", "fisher_batch", "damping", "
                         "allocation", "compensate", "bn_reestimate", "progress", *_SWITCHES, *_ADVANCED))
 
 
-_RECONSTRUCTION_SHOWN = frozenset(("objective", "calibration_samples", "sequential", "pattern"))
+_RECONSTRUCTION_SHOWN = frozenset(("objective", "calibration_samples", "sequential", "pattern", "allocation"))
 
 
 def _flag_form(name: str, value: Any) -> list[str]:
@@ -187,6 +187,8 @@ def describe(settings: dict[str, Any], given: dict[str, Any] | None = None) -> s
                  "--sequential" if settings.get("sequential", True) else "--no-sequential"]
         if settings.get("pattern"):
             flags.append(f"--pattern {settings['pattern'][0]}:{settings['pattern'][1]}")
+        if settings.get("allocation", "uniform") != "uniform":
+            flags.append(f"--allocation {settings['allocation']}")
         if "bn_reestimate" in settings:
             flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
         for name, value in (given or {}).items():

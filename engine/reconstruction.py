@@ -60,6 +60,9 @@ def check_reconstruction_inputs(model: nn.Module, names: list[str], n_train: int
         if config.pattern is not None and not getattr(solver.capabilities, "patterns", False):
             raise invalid_option("method", "cbs prune", f"sparsegpt or a solver that honours N:M patterns "
                                  f"({', '.join(pattern_solvers())})", repr(config.method_name))
+    if config.pattern is not None and config.allocation != "uniform":
+        raise invalid_option("allocation", "cbs prune", "uniform with --pattern (it fixes every row's count)",
+                             repr(config.allocation))
     if config.pattern is not None:
         from .layerwise import _modules
 
@@ -79,7 +82,7 @@ def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, con
         model, names, calibration, sparsity=None if config.pattern is not None else config.sparsity,
         pattern=config.pattern, method=config.method_name if config.method_name == "sparsegpt" else config.method,
         sequential=config.sequential, time_limit=config.time_limit, solver_params=config.solver_params or None,
-        refit=config.applies_update)
+        refit=config.applies_update, allocation=config.allocation)
     blocks = [BlockRecord(label=r.name, n=r.d_out * r.d_in, k=r.kept, objective=r.objective, bound=r.bound,
                           gap=r.gap, status="optimal" if r.rows_proven == 1.0 else "feasible",
                           termination="completed", solve_seconds=r.seconds,

@@ -41,6 +41,9 @@ def main() -> int:
                         "weights, as published); NAME+refit: the closed-form refit of the kept weights")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "magnitude", "obs", "loss_curve"),
+                        help="row budgets within a layer (recorded; methods are labelled NAME@ALLOCATION when not "
+                        "uniform)")
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
@@ -61,7 +64,8 @@ def main() -> int:
         calibration = [torch.stack([train[int(i)][0] for i in order[s : s + 32]]) for s in range(0, len(order), 32)]
         for label, sparsity, pattern in settings:
             for method in args.methods:
-                if (method, label, seed) in done:
+                name = method if args.allocation == "uniform" else f"{method}@{args.allocation}"
+                if (name, label, seed) in done:
                     continue
                 base, refit = method.removesuffix("+refit"), method.endswith("+refit")
                 if pattern is not None and base != "sparsegpt" and not get_solver(base).capabilities.patterns:
@@ -69,11 +73,12 @@ def main() -> int:
                 pruned = copy.deepcopy(model)
                 start = time.perf_counter()
                 _, layers = prune_layerwise(pruned, names, calibration, sparsity=sparsity, pattern=pattern,
-                                            method=base, refit=refit)
+                                            method=base, refit=refit,
+                                            allocation=args.allocation if pattern is None else "uniform")
                 seconds = time.perf_counter() - start
                 score = evaluate_charlm(pruned, val, windows=windows)
                 gaps = [r.gap for r in layers if r.gap is not None]
-                record = {"method": method, "setting": label, "seed": seed, "val_loss": score.loss,
+                record = {"method": name, "allocation": args.allocation, "setting": label, "seed": seed, "val_loss": score.loss,
                           "perplexity": score.perplexity, "dense_val_loss": dense, "seconds": seconds,
                           "error": sum(r.error for r in layers),
                           "method_error": (sum(r.method_error for r in layers)
@@ -90,7 +95,7 @@ def main() -> int:
     lines = [f"Validation loss of charlm (dense {dense:.4f}; {args.windows or 871} windows), mean over seeds "
              f"{args.seeds}; in brackets the summed layer reconstruction error and seconds.", "",
              "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for method in args.methods:
+    for method in sorted({r["method"] for r in rows}, key=lambda m: (m.split("@")[0] not in args.methods, m)):
         cells = []
         for label in labels:
             got = [r for r in rows if r["method"] == method and r["setting"] == label and r["seed"] in args.seeds]
