@@ -80,7 +80,7 @@ def _patterned(seed: int = 0, pattern=(2, 4), n: int = 16) -> BlockProblem:
     return BlockProblem(rng.normal(size=n), n // M * N, 1e-2, factor=rng.normal(size=(24, n)), pattern=pattern)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "wanda", "swap"])
+@pytest.mark.parametrize("name", ["magnitude", "woodfisher", "wanda", "swap", "iht", "admm"])
 def test_score_solvers_honour_the_pattern_and_carry_a_bound_below_the_optimum(name):
     from engine.solve import solve_block
 
@@ -106,7 +106,7 @@ def test_a_solver_without_pattern_support_is_refused_by_name():
     from engine.solve import solve_block
 
     with pytest.raises(InvalidOptionError, match="Solver 'greedy' does not honour N:M patterns.*pattern 2:4.*"
-                                                  "Solvers that do: magnitude, woodfisher, wanda, swap"):
+                                                  "Solvers that do: magnitude, woodfisher, wanda, iht, swap"):
         solve_block(_patterned(), "greedy")
 
 

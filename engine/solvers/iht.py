@@ -51,7 +51,7 @@ from formulations.problem import BlockProblem
 from ..errors import invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, top_k_support
+from .base import Capabilities, SubsetSolver, select_top
 
 __all__ = ["IHTSolver", "lipschitz_constant"]
 
@@ -177,8 +177,9 @@ class IHTSolver(SubsetSolver):
 
     name = "iht"
     capabilities = Capabilities(
-        warm_start=True,
-        description="Iterative hard thresholding (CHITA-style, matrix-free) with line search and exact polishing.",
+        warm_start=True, patterns=True,
+        description="Iterative hard thresholding (CHITA-style, matrix-free) with line search and exact polishing; "
+        "N:M: the projection keeps N per group.",
     )
 
     def __init__(
@@ -217,7 +218,7 @@ class IHTSolver(SubsetSolver):
         start = time.perf_counter()
         deadline = None if options.time_limit is None else start + options.time_limit
         n, k = problem.n, problem.n_keep
-        S = top_k_support(np.abs(problem.weights), k) if warm_start is None else np.asarray(warm_start, bool).copy()
+        S = select_top(problem, np.abs(problem.weights)) if warm_start is None else np.asarray(warm_start, bool).copy()
         first = optimal_update(problem, S, options.memo)
         best_objective, best_support, best_weights = first.objective, S.copy(), first.weights
         if k in (0, n):  # a single feasible support
@@ -258,7 +259,7 @@ class IHTSolver(SubsetSolver):
                         break
                     step = 2.0**j / L
                     u = v - step * grad
-                    S_new = top_k_support(np.abs(u), k)
+                    S_new = select_top(problem, np.abs(u))
                     key = S_new.tobytes()
                     if np.array_equal(S_new, S) or key in tried:
                         continue
@@ -286,7 +287,7 @@ class IHTSolver(SubsetSolver):
             accepted = False
             for _ in range(80):  # halvings down to 1/L, then a few doublings of L at most
                 u = v - eta_try * grad
-                S_new = top_k_support(np.abs(u), k)
+                S_new = select_top(problem, np.abs(u))
                 v_new = np.where(S_new, u, 0.0)
                 d_new = v_new - w
                 r_new = model.op.matvec(d_new)
