@@ -274,12 +274,12 @@ def _cmd_solvers(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
         return 0
-    header = f"{'name':<14}{'exact':<7}{'bound':<7}{'available':<11}install / description"
+    header = f"{'name':<14}{'exact':<7}{'bound':<7}{'N:M':<5}{'available':<11}install / description"
     out = [header, "-" * len(header)]
     for r in rows:
         tail = r.install or r.error or r.description
         out.append(f"{r.name:<14}{'yes' if r.exact else 'no':<7}{'yes' if r.reports_bound else 'no':<7}"
-                   f"{'yes' if r.available else 'no':<11}{tail}")
+                   f"{'yes' if r.patterns else 'no':<5}{'yes' if r.available else 'no':<11}{tail}")
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

@@ -292,6 +292,7 @@ def test_cli_solvers_lists_builtins(capsys):
     code, out, _ = _run(["solvers", "--json"], capsys)
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and rows["magnitude"]["available"] and not rows["magnitude"]["exact"]
+    assert rows["swap"]["patterns"] and rows["brute_force"]["patterns"] and not rows["greedy"]["patterns"]
 
 
 def test_cli_demo_writes_table_records_and_plot(capsys, tmp_path):

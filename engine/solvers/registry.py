@@ -206,6 +206,8 @@ class SolverInfo:
     error: str | None = None
     #: the pip extra(s) of cbs-prune the solver needs (None: the core suffices)
     extra: str | None = None
+    #: it honours N:M patterns (Capabilities.patterns)
+    patterns: bool = False
 
 
 def solver_info() -> list[SolverInfo]:
@@ -225,5 +227,5 @@ def solver_info() -> list[SolverInfo]:
         install = install_hint(missing, cap.extra) if missing else None
         extra = cap.extra or ",".join(dict.fromkeys(EXTRA_OF_MODULE[m] for m in cap.requires if m in EXTRA_OF_MODULE))
         rows.append(SolverInfo(name, cap.exact, cap.reports_bound, not missing, install, cap.description,
-                               extra=extra or None))
+                               extra=extra or None, patterns=bool(getattr(cap, "patterns", False))))
     return rows
