@@ -49,9 +49,9 @@ DEMO_METHODS = (
     ("magnitude", "magnitude", False),
 )
 
-#: heuristics compared with the proven optimum on small blocks
 #: what a demo writes into its folder; a folder holding only these is a previous demo's and is replaced
 DEMO_FILES = ("table.md", "records.jsonl", "record.json", "demo.png")
+#: heuristics compared with the proven optimum on small blocks
 GAP_METHODS = ("magnitude", "woodfisher", "greedy", "swap")
 
 

@@ -83,10 +83,12 @@ def one_line(exc: BaseException) -> str:
 
 
 def describe_value(value: Any) -> str:
-    """A value in a message: "a tensor of shape (2, 3)", "a tuple of 3", "a int"."""
+    """A value in a message: "None", "a tensor of shape (2, 3)", "a tuple of 3", "a dict of 2", "a int"."""
     import torch  # here, so that the error classes import without it
 
-    if isinstance(value, (tuple, list)):
+    if value is None:
+        return "None"
+    if isinstance(value, (tuple, list, dict)):
         return f"a {type(value).__name__} of {len(value)}"
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"

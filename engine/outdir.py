@@ -82,18 +82,29 @@ def check_out(out: str | os.PathLike, command: str, overwrite: bool = False, res
     return path
 
 
+def _lock_file(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _take(fh, out: Path, command: str) -> None:
+    """Lock the open lock file ``fh`` without waiting; another holder is the error naming the folder."""
+    import fcntl
+
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise _error(command, f"is in use by another run. Got '{out}' (locked by {_lock_file(out)}).") from None
+
+
 def _refuse_if_held(out: Path, command: str) -> None:
     """Fail at once when another process holds ``out``'s lock (probed, not kept: :func:`locked` takes it)."""
     import fcntl
 
-    lock = out.parent / f".{out.name}.lock"
+    lock = _lock_file(out)
     if not lock.exists() or _HELD.get(os.path.realpath(lock)):
         return
     with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _error(command, f"is in use by another run. Got '{out}' (locked by {lock}).") from None
+        _take(fh, out, command)
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
@@ -107,7 +118,7 @@ def locked(out: Path, command: str) -> Iterator[None]:
     """Hold the folder's lock for the ``with`` block; another holder makes this one fail at once."""
     import fcntl
 
-    lock = out.parent / f".{out.name}.lock"
+    lock = _lock_file(out)
     key = os.path.realpath(lock)
     if _HELD.get(key):
         _HELD[key] += 1
@@ -117,10 +128,7 @@ def locked(out: Path, command: str) -> Iterator[None]:
             _HELD[key] -= 1
         return
     with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _error(command, f"is in use by another run. Got '{out}' (locked by {lock}).") from None
+        _take(fh, out, command)
         _HELD[key] = 1
         try:
             yield

@@ -44,7 +44,6 @@ REFUTE_RTOL (1e-4) sits above the optimality tolerances of the built-in exact so
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 import warnings
@@ -56,7 +55,7 @@ from formulations import objective as obj
 from formulations.patterns import pattern_violation
 from formulations.problem import BlockProblem
 
-from .errors import CBSError, InvalidOptionError, SolverError, one_line
+from .errors import CBSError, InvalidOptionError, SolverError, describe_value, one_line
 from .options import SolveOptions
 from .progress import get_logger
 from .result import SolveResult, Status, Termination
@@ -131,14 +130,6 @@ def _block(problem: BlockProblem) -> str:
     return f"block '{problem.label}'" if problem.label else "the block"
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, (tuple, list, dict)):
-        return f"a {type(value).__name__} of {len(value)}"
-    return f"a {type(value).__name__}"
-
-
 def call_solver(solver: SubsetSolver, problem: BlockProblem, options: SolveOptions,
                 warm_start: np.ndarray | None = None) -> SolveResult:
     """``solver.solve(problem, options[, warm_start])``, checked: a raise or a non-SolveResult return is a
@@ -163,7 +154,7 @@ def call_solver(solver: SubsetSolver, problem: BlockProblem, options: SolveOptio
         raise SolverCallError(f"Solver '{name}' failed on {_block(problem)}: {one_line(exc)}") from exc
     elapsed = time.perf_counter() - start
     if not isinstance(result, SolveResult):
-        raise SolverCallError(f"Solver '{name}' returned {_describe(result)} on {_block(problem)}, not a SolveResult.")
+        raise SolverCallError(f"Solver '{name}' returned {describe_value(result)} on {_block(problem)}, not a SolveResult.")
     if not result.wall_time:
         result.wall_time = elapsed
     limit = options.time_limit
@@ -335,14 +326,14 @@ def _brute_force_candidates(problem: BlockProblem, support: np.ndarray, claim: f
     """The REFUTE_CANDIDATES best of all C(n, k) supports other than ``support`` by the batched dense evaluator,
     those it puts below ``claim`` (it only ranks: the caller re-scores them exactly)."""
     from .solvers.branch_and_bound import DenseEvaluator  # numpy only; imported when a tiny block is checked
+    from .solvers.brute_force import side_combinations
 
     n, k = problem.n, problem.n_keep
-    supports = np.zeros((math.comb(n, k), n), dtype=bool)
-    for row, kept in enumerate(itertools.combinations(range(n), k)):
+    # the kept sets, only those the block's N:M pattern allows when it has one
+    kept_sets = list(side_combinations(n, k, problem.pattern, pruned_side=False))
+    supports = np.zeros((len(kept_sets), n), dtype=bool)
+    for row, kept in enumerate(kept_sets):
         supports[row, list(kept)] = True
-    if problem.pattern is not None:  # only the supports the pattern allows: N kept in every group of M
-        N, M = problem.pattern
-        supports = supports[(supports.reshape(len(supports), -1, M).sum(axis=2) == N).all(axis=1)]
     values = DenseEvaluator(problem).values(supports)
     order = np.argsort(values, kind="stable")[: REFUTE_CANDIDATES + 1]
     return [supports[i] for i in order if values[i] < claim and not np.array_equal(supports[i], support)][
@@ -376,8 +367,8 @@ def _swap_candidates(problem: BlockProblem, support: np.ndarray) -> list[np.ndar
         V1 = v[:, None] + T * (u / s)
         delta = -(u * u) / (2 * s) + V1 * V1 / (2 * (a_diag[:, None] + T * T / s))
         if problem.pattern is not None:  # a swap keeps an N:M pattern only inside one group of M
-            M = problem.pattern[1]
-            delta[S[:, None] // M != idx[None, :] // M] = np.inf
+            group = problem.pattern[1]
+            delta[S[:, None] // group != idx[None, :] // group] = np.inf
         flat = delta.ravel()
         top = np.argpartition(flat, min(REFUTE_CANDIDATES, flat.size) - 1)[:REFUTE_CANDIDATES]
         found += [(float(flat[i]), int(i // idx.size), int(idx[i % idx.size])) for i in top]

@@ -290,7 +290,7 @@ def train(
                       metadata, on_epoch)
 
 
-def _identity_difference(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+def _differences(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
     """The settings (``name was X, now Y``) in which a resumed run differs from the one it started with."""
     if saved is None:
         return ["the checkpoint has no record of its settings (written by an older cbs)"]
@@ -319,9 +319,7 @@ def _train(model: nn.Module, masks: dict[str, torch.Tensor], train_data: tuple[t
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint: say which file
             raise CheckpointError(f"The checkpoint '{ckpt_path}' could not be read: {exc}") from exc
-        diff = [f"{k} was {state.get('config', {}).get(k)!r}, now {config_dict[k]!r}" for k in config_dict
-                if state.get("config", {}).get(k) != config_dict[k]]
-        diff += _identity_difference(state.get("run"), identity)
+        diff = _differences(state.get("config"), config_dict) + _differences(state.get("run"), identity)
         saved_masks = state.get("masks")
         if saved_masks is not None and (set(saved_masks) != set(masks) or any(
                 not torch.equal(saved_masks[k].bool(), masks[k].cpu()) for k in masks)):

@@ -38,7 +38,7 @@ from ..result import SolveResult, Status, Termination
 from .base import Capabilities, SubsetSolver
 from .woodfisher import hessian_inverse, hessian_matrix
 
-__all__ = ["BruteForceSolver"]
+__all__ = ["BruteForceSolver", "side_combinations"]
 
 #: supports scored per stacked solve (bounds memory at B·m² float64)
 _BATCH = 16384
@@ -122,7 +122,7 @@ class BruteForceSolver(SubsetSolver):
         scale = abs(base) + 0.5 * float(w @ H @ w) + float(np.abs(g) @ np.abs(w)) + 1e-300
         band = 1e-9 * scale
 
-        combos = _side_combinations(n, m, pattern, pruned_side)
+        combos = side_combinations(n, m, pattern, pruned_side)
         best_scores: list[np.ndarray] = []
         best_sets: list[np.ndarray] = []
         running_min = math.inf
@@ -204,7 +204,7 @@ class BruteForceSolver(SubsetSolver):
         )
 
 
-def _side_combinations(n: int, m: int, pattern: tuple[int, int] | None, pruned_side: bool):
+def side_combinations(n: int, m: int, pattern: tuple[int, int] | None, pruned_side: bool):
     """Every index set of size m of the enumerated side (kept or pruned), in lexicographic order; under an
     N:M pattern only the sets that keep N of every group of M (each group contributes N kept or M − N
     pruned indices)."""
