@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from formulations import objective as obj
-from formulations.problem import BlockProblem
+from formulations.problem import BlockProblem, eigen_factor
 from formulations.sparsegpt import sparsegpt
 
 from .calibration import check_unfoldable, layer_hessian, layer_hessians
@@ -37,7 +37,7 @@ from .errors import invalid_option
 from .options import SolveOptions
 from .solvers.registry import get_solver
 
-__all__ = ["LayerRecord", "prune_layerwise", "layer_rows", "reconstruction_error"]
+__all__ = ["LayerRecord", "prune_layerwise", "check_layers", "layer_rows", "reconstruction_error"]
 
 
 @dataclass
@@ -78,14 +78,6 @@ def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
     return float(np.einsum("oi,ij,oj->", D, H, D))
 
 
-def _shared_factor(H: np.ndarray) -> np.ndarray:
-    """X with XᵀX = H (d_in × d_in, eigenvalues clipped at 0): one factor for every row of the layer."""
-    evals, evecs = np.linalg.eigh((H + H.T) / 2)
-    X = np.sqrt(np.clip(evals, 0.0, None))[:, None] * evecs.T
-    X.setflags(write=False)
-    return X
-
-
 def _row_budgets(rows: list[BlockProblem], n_keep: int, allocation: str) -> list[int]:
     """k_i per row with Σ k_i = n_keep (see :func:`prune_layerwise`)."""
     from formulations.allocation import allocate_global
@@ -103,23 +95,52 @@ def _row_budgets(rows: list[BlockProblem], n_keep: int, allocation: str) -> list
     raise invalid_option("allocation", "prune_layerwise()", "uniform, magnitude, obs or loss_curve", repr(allocation))
 
 
-def _modules(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, bool]]:
+def check_layers(model: nn.Module, names: Sequence[str], *, pattern: tuple[int, int] | None, allocation: str,
+                 method: Any, solver_params: dict[str, Any] | None, where: str = "prune_layerwise()",
+                 names_argument: str = "names") -> tuple[list[tuple[str, nn.Module, bool]], Any]:
+    """Every check of a layer-wise run that needs no data, before any work (the API and ``cbs prune`` share
+    it): each name is the weight of a layer whose inputs can be formed, the allocation is known and uniform
+    under a pattern, the method is ``sparsegpt`` or an installed solver (one that honours N:M under a
+    pattern), and M divides every layer's d_in. Returns ((module name, module, transposed) per name, the
+    solver or None for sparsegpt)."""
     from .hub import is_transposed_linear
 
-    owner = {id(m.weight): (n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+    if allocation not in ("uniform", "magnitude", "obs", "loss_curve"):
+        raise invalid_option("allocation", where, "uniform, magnitude, obs or loss_curve", repr(allocation))
+    if pattern is not None and allocation != "uniform":
+        raise invalid_option("allocation", where, "uniform with an N:M pattern (it fixes every row's count)",
+                             repr(allocation))
+    owner = {id(m.weight): (n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None),
+                                                                                 nn.Parameter)}
     params = dict(model.named_parameters())
-    out = []
+    layers = []
     for name in names:
         if name not in params or id(params[name]) not in owner:
-            raise invalid_option("names", "prune_layerwise()", "weights of Linear, Conv2d or Conv1D layers", repr(name))
+            raise invalid_option(names_argument, where, "weights of Linear, Conv2d or GPT-2 Conv1D layers",
+                                 repr(name))
         mname, module = owner[id(params[name])]
         check_unfoldable(mname, module)
-        out.append((mname, module, is_transposed_linear(module)))
-    return out
+        transposed = is_transposed_linear(module)
+        d_in = layer_rows(module, transposed).shape[1]
+        if pattern is not None and d_in % pattern[1]:
+            raise invalid_option("pattern", where, f"N:M with M dividing every layer's d_in, its input size "
+                                 f"({name}: {d_in})", f"{pattern[0]}:{pattern[1]}")
+        layers.append((mname, module, transposed))
+    solver = None
+    if getattr(method, "name", method) != "sparsegpt":
+        from .solvers.registry import pattern_solvers
+
+        solver = get_solver(method, **(solver_params or {}))
+        if hasattr(solver, "ensure_available"):
+            solver.ensure_available()
+        if pattern is not None and not getattr(solver.capabilities, "patterns", False):
+            raise invalid_option("method", where, f"sparsegpt or a solver that honours N:M patterns "
+                                 f"({', '.join(pattern_solvers())})", repr(getattr(method, "name", method)))
+    return layers, solver
 
 
 def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterable[Any], *,
-                    sparsity: float | None = None, pattern: tuple[int, int] | None = None, method: str = "sparsegpt",
+                    sparsity: float | None = None, pattern: tuple[int, int] | None = None, method: Any = "sparsegpt",
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
                     solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
                     allocation: str = "uniform",
@@ -138,19 +159,14 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
-    if allocation not in ("uniform", "magnitude", "obs", "loss_curve"):
-        raise invalid_option("allocation", where, "uniform, magnitude, obs or loss_curve", repr(allocation))
-    if pattern is not None and allocation != "uniform":
-        raise invalid_option("allocation", where, "uniform with an N:M pattern (it fixes every row's count)",
-                             repr(allocation))
     if not 0 < rel_damping < 1e3:
         raise invalid_option("rel_damping", where, "a number in (0, 1000)", rel_damping)
     batches = list(calibration)
     if not batches:
         raise invalid_option("calibration", where, "at least one batch of calibration inputs", "none")
-    layers = _modules(model, names)
+    layers, solver = check_layers(model, names, pattern=pattern, allocation=allocation, method=method,
+                                  solver_params=solver_params)
     dense = None if sequential else layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
-    solver = None if method == "sparsegpt" else get_solver(method, **(solver_params or {}))
     masks, records = {}, []
     for pname, (mname, module, transposed) in zip(names, layers):
         start = time.perf_counter()
@@ -159,11 +175,8 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         W = layer_rows(module, transposed).double().cpu().numpy()
         d_out, d_in = W.shape
         lam = rel_damping * float(np.mean(np.diag(H))) or rel_damping
-        if pattern is not None and d_in % pattern[1]:
-            raise invalid_option("pattern", where, f"N:M with M dividing every layer's d_in ({mname}: {d_in})",
-                                 f"{pattern[0]}:{pattern[1]}")
         k = d_in // pattern[1] * pattern[0] if pattern is not None else int(round((1 - sparsity) * d_in))
-        X = _shared_factor(H)
+        X = eigen_factor(H)  # XᵀX = H: one factor for every row of the layer
         base = [BlockProblem(W[i], k, lam, factor=X, label=f"{mname}[{i}]", pattern=pattern) for i in range(d_out)]
         if allocation != "uniform" and pattern is None and solver is not None:
             ks = _row_budgets(base, int(round((1 - sparsity) * d_out * d_in)), allocation)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import BlockRecord, PruneConfig, PruneReport
 from .errors import invalid_option
-from .layerwise import prune_layerwise
+from .layerwise import check_layers, prune_layerwise
 from .sources import Samples
 
 __all__ = ["RECONSTRUCTION_METHOD", "PATTERN_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
@@ -31,46 +31,15 @@ PATTERN_METHOD = "sparsegpt"
 _BATCH = 32
 
 
-def _owner_modules(model: nn.Module, names: list[str]) -> None:
-    from .calibration import check_unfoldable
-
-    owner = {id(m.weight): (n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None),
-                                                                                 nn.Parameter)}
-    params = dict(model.named_parameters())
-    for name in names:
-        if name not in params or id(params[name]) not in owner:
-            raise invalid_option("params", "cbs prune", "weights of Linear, Conv2d or GPT-2 Conv1D layers with "
-                                 "--objective reconstruction", repr(name))
-        check_unfoldable(*owner[id(params[name])])
-
-
 def check_reconstruction_inputs(model: nn.Module, names: list[str], n_train: int, config: PruneConfig) -> None:
-    """Everything that can be wrong before the work: the layers, the calibration count, the method (SparseGPT or
-    an installed solver; one that honours N:M when a pattern is asked), each layer's d_in against M."""
-    from .solvers.registry import get_solver, pattern_solvers
-
-    _owner_modules(model, names)
+    """Everything that can be wrong before the work: the calibration count, then
+    :func:`engine.layerwise.check_layers` (the layers, the method, the pattern against the allocation and
+    every layer's d_in)."""
     if config.calibration_samples > n_train:
         raise invalid_option("calibration_samples", "cbs prune", f"at most the {n_train} training samples",
                              config.calibration_samples)
-    if config.method_name != "sparsegpt":
-        solver = get_solver(config.method, **config.solver_params)
-        if hasattr(solver, "ensure_available"):
-            solver.ensure_available()
-        if config.pattern is not None and not getattr(solver.capabilities, "patterns", False):
-            raise invalid_option("method", "cbs prune", f"sparsegpt or a solver that honours N:M patterns "
-                                 f"({', '.join(pattern_solvers())})", repr(config.method_name))
-    if config.pattern is not None and config.allocation != "uniform":
-        raise invalid_option("allocation", "cbs prune", "uniform with --pattern (it fixes every row's count)",
-                             repr(config.allocation))
-    if config.pattern is not None:
-        from .layerwise import _modules
-
-        for (mname, module, transposed), pname in zip(_modules(model, names), names):
-            d_in = int(module.weight.shape[0] if transposed else module.weight[0].numel())
-            if d_in % config.pattern[1]:
-                raise invalid_option("pattern", "cbs prune", f"N:M with M dividing every pruned layer's input size "
-                                     f"({pname}: {d_in})", f"{config.pattern[0]}:{config.pattern[1]}")
+    check_layers(model, names, pattern=config.pattern, allocation=config.allocation, method=config.method,
+                 solver_params=config.solver_params, where="cbs prune", names_argument="params")
 
 
 def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, config: PruneConfig) -> PruneReport:
@@ -80,7 +49,7 @@ def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, con
     calibration = [x for x, _ in drawn.batches(_BATCH)]
     masks, layers = prune_layerwise(
         model, names, calibration, sparsity=None if config.pattern is not None else config.sparsity,
-        pattern=config.pattern, method=config.method_name if config.method_name == "sparsegpt" else config.method,
+        pattern=config.pattern, method=config.method,
         sequential=config.sequential, time_limit=config.time_limit, solver_params=config.solver_params or None,
         refit=config.applies_update, allocation=config.allocation)
     blocks = [BlockRecord(label=r.name, n=r.d_out * r.d_in, k=r.kept, objective=r.objective, bound=r.bound,

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InvalidProblemError, invalid_argument
 
-__all__ = ["BlockProblem"]
+__all__ = ["BlockProblem", "eigen_factor"]
 
 _T = TypeVar("_T")
 
@@ -305,7 +305,11 @@ class BlockProblem:
         return cls(weights, n_keep, lam, factor=X, gradient=gradient, label=label)
 
 
-def _eigen_factor(problem: BlockProblem) -> np.ndarray:
-    """``X = Λ^{1/2} Uᵀ`` from ``F = U Λ Uᵀ`` (eigenvalues clipped at 0)."""
-    evals, evecs = np.linalg.eigh(problem.fisher)
+def eigen_factor(F: np.ndarray) -> np.ndarray:
+    """``X = Λ^{1/2} Uᵀ`` (n, n) with ``XᵀX = F`` from ``F = U Λ Uᵀ`` (symmetric PSD; eigenvalues clipped at 0)."""
+    evals, evecs = np.linalg.eigh(F)
     return np.sqrt(np.clip(evals, 0.0, None))[:, None] * evecs.T
+
+
+def _eigen_factor(problem: BlockProblem) -> np.ndarray:
+    return eigen_factor(problem.fisher)

@@ -25,14 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 from engine.calibration import layer_hessians  # noqa: E402
 from engine.data import load_mnist  # noqa: E402
-from engine.layerwise import _shared_factor  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.options import SolveOptions  # noqa: E402
 from engine.records import append_jsonl, environment  # noqa: E402
 from engine.solve import solve_block  # noqa: E402
 from formulations import objective as obj  # noqa: E402
 from formulations.patterns import parse_pattern  # noqa: E402
-from formulations.problem import BlockProblem  # noqa: E402
+from formulations.problem import BlockProblem, eigen_factor  # noqa: E402
 from formulations.sparsegpt import sparsegpt  # noqa: E402
 
 HEURISTICS = {"unstructured": ["magnitude", "wanda", "woodfisher", "greedy", "admm", "swap"],
@@ -65,7 +64,7 @@ def main() -> int:
         H = grams[layer].hessian
         W = modules[layer].weight.detach().double().numpy()
         lam = 0.01 * float(np.mean(np.diag(H)))
-        X = _shared_factor(H)
+        X = eigen_factor(H)
         n = W.shape[1]
         for text in args.patterns:
             pattern = parse_pattern(text)

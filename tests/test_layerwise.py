@@ -191,3 +191,21 @@ def test_row_budgets_sum_to_the_layer_budget_and_the_knapsack_beats_uniform(allo
 
     with pytest.raises(InvalidOptionError, match="uniform with an N:M pattern"):
         prune_layerwise(copy.deepcopy(model), names, batches, pattern=(2, 4), allocation=allocation)
+
+
+def test_checks_come_before_any_layer_is_pruned():
+    from engine.errors import InvalidOptionError
+
+    model, names, batches = _toy()
+    before = copy.deepcopy(model.state_dict())
+    # the first layer (d_in 8) fits 1:8, the second (d_in 12) does not: nothing may be pruned
+    with pytest.raises(InvalidOptionError, match="M dividing every layer's d_in, its input size \\(2.weight: 12\\)"):
+        prune_layerwise(model, names, batches, pattern=(1, 8), method="magnitude")
+    with pytest.raises(InvalidOptionError, match="'method' argument of prune_layerwise\\(\\) must be sparsegpt or a "
+                                                 "solver that honours N:M patterns"):
+        prune_layerwise(model, names, batches, pattern=(2, 4), method="greedy")
+    with pytest.raises(InvalidOptionError, match="'allocation' argument of prune_layerwise\\(\\) must be uniform, "
+                                                 "magnitude, obs or loss_curve"):
+        prune_layerwise(model, names, batches, sparsity=0.5, allocation="knapsack")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
