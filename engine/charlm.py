@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .data import DATA_DIR_ENV, default_data_dir
-from .errors import CheckpointError, DataNotFoundError, invalid_option
+from .data import _require_file, _resolve_dir
+from .errors import CheckpointError, invalid_option
 from .hub import CausalLMLogits, CharDataset, char_dataset, load_hf_causal_lm, token_cross_entropy
 
 __all__ = [
@@ -76,16 +76,7 @@ def charlm_text(data_dir: PathLike | None = None) -> str:
     """The text of ``<data_dir>/text/tinyshakespeare.txt`` (``data_dir``: default :func:`engine.data.default_data_dir`).
 
     Raises DataNotFoundError, naming ``--data-dir``, when the file is missing."""
-    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
-    path = root / TEXT_FILE
-    if not path.is_file():
-        hint = (f"Pass the folder that contains text/{TEXT_FILE.name} with --data-dir (the argument 'data_dir'), "
-                f"or set {DATA_DIR_ENV}; the default is ../shared/data next to the project root.")
-        if not root.exists():
-            raise DataNotFoundError(f"The data directory '{root}' does not exist, so the Tiny Shakespeare file "
-                                    f"'{path}' cannot be read. {hint}")
-        raise DataNotFoundError(f"The Tiny Shakespeare file '{path}' does not exist. {hint}")
-    return path.read_text(encoding="utf-8")
+    return _require_file(_resolve_dir(data_dir) / TEXT_FILE, "Tiny Shakespeare").read_text(encoding="utf-8")
 
 
 def split_text(text: str) -> tuple[str, str]:

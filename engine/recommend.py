@@ -189,33 +189,30 @@ def describe(settings: dict[str, Any], given: dict[str, Any] | None = None) -> s
             flags.append(f"--pattern {settings['pattern'][0]}:{settings['pattern'][1]}")
         if settings.get("allocation", "uniform") != "uniform":
             flags.append(f"--allocation {settings['allocation']}")
-        if "bn_reestimate" in settings:
-            flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
-        for name, value in (given or {}).items():
-            if name not in _DESCRIBED and name not in _RECONSTRUCTION_SHOWN and value is not None:
-                flags += _flag_form(name, value)
-        return " ".join(flags)
-    flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
-             f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
-             f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
-             f"--schedule {settings['schedule']}"]
-    if settings.get("allocation", "magnitude") != "magnitude":
-        flags.append(f"--allocation {settings['allocation']}")
-    for key in _SWITCHES:
-        value = settings.get(key)
-        if key == "loss_samples":
-            if value is not None:
-                flags.append(f"--loss-samples {value}")
-        elif value:
-            flags.append("--" + key.replace("_", "-"))
-    flags += [f"--param {key}=true" for key in _ADVANCED if settings.get(key)]
-    comp = settings.get("compensate", ())
-    if comp:
-        flags.append(f"--param compensate={comp if isinstance(comp, str) else ','.join(comp)}")
+        shown = _DESCRIBED | _RECONSTRUCTION_SHOWN
+    else:
+        flags = [f"--method {settings['method']}", f"--fisher-samples {settings['fisher_samples']}",
+                 f"--fisher-batch {settings['fisher_batch']}", f"--damping {settings['damping']:g}",
+                 f"--block-mode {settings['block_mode']}", f"--stages {settings['stages']}",
+                 f"--schedule {settings['schedule']}"]
+        if settings.get("allocation", "magnitude") != "magnitude":
+            flags.append(f"--allocation {settings['allocation']}")
+        for key in _SWITCHES:
+            value = settings.get(key)
+            if key == "loss_samples":
+                if value is not None:
+                    flags.append(f"--loss-samples {value}")
+            elif value:
+                flags.append("--" + key.replace("_", "-"))
+        flags += [f"--param {key}=true" for key in _ADVANCED if settings.get(key)]
+        comp = settings.get("compensate", ())
+        if comp:
+            flags.append(f"--param compensate={comp if isinstance(comp, str) else ','.join(comp)}")
+        shown = _DESCRIBED
     if "bn_reestimate" in settings:
         flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
     for name, value in (given or {}).items():
-        if name not in _DESCRIBED and value is not None:
+        if name not in shown and value is not None:
             flags += _flag_form(name, value)
     return " ".join(flags)
 

@@ -55,11 +55,9 @@ def _check(W: np.ndarray, H: np.ndarray, sparsity: float, pattern: tuple[int, in
 def _group_mask(Wg: np.ndarray, diag: np.ndarray, sparsity: float) -> np.ndarray:
     """Pruned entries (True) of a group of columns: the scores w²/d² at or below the reference's threshold."""
     scores = Wg ** 2 / diag[None, :] ** 2
-    flat = np.sort(scores.reshape(-1))
-    thresh = flat[int(scores.size * sparsity)] if int(scores.size * sparsity) < scores.size else np.inf
     if sparsity == 0:
         return np.zeros_like(scores, dtype=bool)
-    return scores <= thresh
+    return scores <= np.sort(scores.reshape(-1))[int(scores.size * sparsity)]  # sparsity < 1: in range
 
 
 def _nm_mask(Wg: np.ndarray, diag: np.ndarray, pattern: tuple[int, int]) -> np.ndarray:
