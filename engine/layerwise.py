@@ -36,6 +36,7 @@ from .calibration import check_unfoldable, layer_hessian, layer_hessians
 from .errors import invalid_option
 from .options import SolveOptions
 from .solvers.registry import get_solver
+from .update import shared_factor_update
 
 __all__ = ["LayerRecord", "prune_layerwise", "check_layers", "layer_rows", "reconstruction_error"]
 
@@ -76,6 +77,30 @@ def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
     """Σ_i (v_i − w_i)ᵀ H (v_i − w_i) for rows W, V (d_out, d_in)."""
     D = V - W
     return float(np.einsum("oi,ij,oj->", D, H, D))
+
+
+def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray,
+                time_limit: float | None) -> tuple[list[np.ndarray], list[float | None], list[Any]]:
+    """Every row of a layer by ``solver``, each answer checked like ``solve_block``'s (size, pattern,
+    claims, bound; :func:`engine.solve.check_result`), its E(S) re-scored by one batched refit for all rows
+    (:func:`engine.update.shared_factor_update`, equal to ``optimal_update``) and certified by the dual
+    bound at its residual. Returns (supports, bounds, refit updates)."""
+    from .solve import call_solver, check_result, note_overshoot
+
+    results = []
+    for p in problems:
+        r = call_solver(solver, p, SolveOptions(time_limit=time_limit, memo=obj.UpdateMemo()))
+        note_overshoot(solver, p, r)
+        results.append(r)
+    try:
+        supports = [obj.as_support(p, r.support, check_size=False) for p, r in zip(problems, results)]
+    except (ValueError, TypeError, IndexError):
+        supports = None  # a malformed support: check_result below names it
+    updates = shared_factor_update(problems, supports, H) if supports is not None else [None] * len(problems)
+    for p, r, u in zip(problems, results, updates):
+        check_result(p, r, solver, objective=None if u is None else u.objective,
+                     residual=None if u is None else u.residual)
+    return [r.support for r in results], [r.bound for r in results], updates
 
 
 def _row_budgets(rows: list[BlockProblem], n_keep: int, allocation: str) -> list[int]:
@@ -125,7 +150,7 @@ def check_layers(model: nn.Module, names: Sequence[str], *, pattern: tuple[int, 
         if pattern is not None and d_in % pattern[1]:
             raise invalid_option("pattern", where, f"N:M with M dividing every layer's d_in, its input size "
                                  f"({name}: {d_in})", f"{pattern[0]}:{pattern[1]}")
-        layers.append((mname, module, transposed))
+        layers.append((mname, module, transposed, d_in))
     solver = None
     if getattr(method, "name", method) != "sparsegpt":
         from .solvers.registry import pattern_solvers
@@ -136,7 +161,12 @@ def check_layers(model: nn.Module, names: Sequence[str], *, pattern: tuple[int, 
         if pattern is not None and not getattr(solver.capabilities, "patterns", False):
             raise invalid_option("method", where, f"sparsegpt or a solver that honours N:M patterns "
                                  f"({', '.join(pattern_solvers())})", repr(getattr(method, "name", method)))
-    return layers, solver
+        largest = max(d for *_, d in layers)
+        cap = getattr(solver.capabilities, "max_size", None)
+        if cap is not None and largest > cap:
+            raise invalid_option("method", where, f"a solver that accepts rows of {largest} weights (this one "
+                                 f"takes at most {cap})", repr(getattr(method, "name", method)))
+    return [layer[:3] for layer in layers], solver
 
 
 def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterable[Any], *,
@@ -177,7 +207,8 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         lam = rel_damping * float(np.mean(np.diag(H))) or rel_damping
         k = d_in // pattern[1] * pattern[0] if pattern is not None else int(round((1 - sparsity) * d_in))
         X = eigen_factor(H)  # XᵀX = H: one factor for every row of the layer
-        base = [BlockProblem(W[i], k, lam, factor=X, label=f"{mname}[{i}]", pattern=pattern) for i in range(d_out)]
+        template = BlockProblem(W[0], k, lam, factor=X, pattern=pattern)
+        base = [template.with_weights(W[i], f"{mname}[{i}]") for i in range(d_out)]
         if allocation != "uniform" and pattern is None and solver is not None:
             ks = _row_budgets(base, int(round((1 - sparsity) * d_out * d_in)), allocation)
             base = [p.with_n_keep(int(kb)) for p, kb in zip(base, ks)]
@@ -189,19 +220,14 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
             method_error = reconstruction_error(W, own, H)
             problems = [p if pattern is not None else p.with_n_keep(int(kept[i].sum())) for i, p in enumerate(base)]
             supports = list(kept)
-            bounds = [obj.dual_bound(p, support=s) for p, s in zip(problems, supports)]
+            updates = shared_factor_update(problems, supports, H)
+            bounds = [obj.dual_bound(p, alpha=u.residual) for p, u in zip(problems, updates)]
         else:
-            from .solve import solve_block
-
-            problems, supports, bounds = base, [], []
-            for p in problems:
-                r = solve_block(p, solver, SolveOptions(time_limit=time_limit))
-                supports.append(r.support)
-                bounds.append(r.bound)
+            problems = base
+            supports, bounds, updates = _solve_rows(problems, solver, H, time_limit)
         if refit:
-            sols = [obj.optimal_update(p, s) for p, s in zip(problems, supports)]
-            V = np.stack([s.weights for s in sols])
-            values = [s.objective for s in sols]
+            V = np.stack([u.weights for u in updates])
+            values = [u.objective for u in updates]
         else:
             V = own if solver is None else np.where(np.stack(supports), W, 0.0)
             values = [obj.quadratic_model(p, V[i]) for i, p in enumerate(problems)]

@@ -38,7 +38,7 @@ import torch
 from formulations import objective as obj
 from formulations.problem import BlockProblem
 
-__all__ = ["UpdateResult", "batched_update", "DEFAULT_BATCH_BYTES"]
+__all__ = ["UpdateResult", "batched_update", "shared_factor_update", "DEFAULT_BATCH_BYTES"]
 
 #: memory allowed for one stacked batch of X_S (float64) in bytes
 DEFAULT_BATCH_BYTES = 512 * 2**20
@@ -229,3 +229,74 @@ def batched_update(
                     results[j] = r
             batch = [i] if i >= 0 else []
     return results  # type: ignore[return-value]
+
+
+def shared_factor_update(
+    problems: list[BlockProblem],
+    supports: list[np.ndarray],
+    gram: np.ndarray,
+    *,
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+) -> list[UpdateResult]:
+    """The CBS-U update of blocks that share one factor X (the rows of a layer), given G = XᵀX (n, n).
+
+    Each block's system (G_SS + λI) v_S = (G w)_S + λ w_S − g_S is gathered from G, never formed from X_S
+    (O(k²) per row instead of O(N k²)); rows with the same k are stacked into one batched Cholesky solve
+    (at most ``max_batch_bytes`` of k×k systems at a time); r = X (v − w) for all rows by one product.
+    A row whose Cholesky fails or is ill-conditioned goes to the numpy reference (which warns and uses
+    SVD), as in :func:`batched_update`. Agrees with ``formulations.objective.optimal_update``.
+    """
+    if len(problems) != len(supports):
+        raise ValueError(
+            f"The 'supports' argument of shared_factor_update() must have one entry per problem "
+            f"({len(problems)}). Got {len(supports)}."
+        )
+    if not problems:
+        return []
+    X = problems[0].factor_matrix()
+    if any(p.factor_matrix() is not X for p in problems):
+        raise ValueError("shared_factor_update() needs problems that share one factor array (BlockProblem.with_weights).")
+    n = problems[0].n
+    G = np.asarray(gram, dtype=np.float64)
+    if G.shape != (n, n):
+        raise ValueError(f"The 'gram' argument of shared_factor_update() must have shape ({n}, {n}). Got {G.shape}.")
+    masks = [obj.as_support(p, s, check_size=False) for p, s in zip(problems, supports)]
+    Gt = _tensor(G)
+    W = torch.from_numpy(np.stack([p.weights for p in problems]))
+    lam = torch.tensor([p.damping for p in problems], dtype=torch.float64)
+    rhs_all = W @ Gt + lam[:, None] * W  # (G w + λ w) for every row; G is symmetric
+    for b, p in enumerate(problems):
+        if p.gradient is not None:
+            rhs_all[b] -= _tensor(p.gradient)
+    V = torch.zeros_like(W)
+    failed: list[int] = []
+    by_k: dict[int, list[int]] = {}
+    for b, m in enumerate(masks):
+        by_k.setdefault(int(m.sum()), []).append(b)
+    for k, members in by_k.items():
+        if k == 0:
+            continue
+        step = max(1, max_batch_bytes // (8 * k * k))
+        for s in range(0, len(members), step):
+            rows = torch.tensor(members[s : s + step])
+            idx = torch.from_numpy(np.stack([np.flatnonzero(masks[b]) for b in members[s : s + step]]))
+            A = Gt[idx[:, :, None], idx[:, None, :]]
+            A.diagonal(dim1=1, dim2=2).add_(lam[rows][:, None])
+            L, info = torch.linalg.cholesky_ex(A)
+            ok = _cholesky_ok(L, info)
+            vS = torch.cholesky_solve(torch.gather(rhs_all[rows], 1, idx)[..., None], L)[..., 0]
+            V[rows[:, None], idx] = vS
+            failed.extend(int(b) for b in rows[~ok])
+    D = V - W
+    R = D @ _tensor(X).to(torch.float64).T  # r = X d, (rows, N)
+    values = 0.5 * (R * R).sum(1) + 0.5 * lam * (D * D).sum(1)
+    out = []
+    for b, p in enumerate(problems):
+        if b in failed:
+            out.append(_reference(p, np.flatnonzero(masks[b])))
+            continue
+        value = float(values[b])
+        if p.gradient is not None:
+            value += float(_tensor(p.gradient) @ D[b])
+        out.append(UpdateResult(V[b].numpy().copy(), value, R[b].numpy().copy(), "cholesky" if masks[b].any() else "trivial"))
+    return out

@@ -18,6 +18,7 @@ optional and off by default, as in CBS.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -74,6 +75,11 @@ class BlockProblem:
     argument, is not compared and not shown; :meth:`with_n_keep` and :meth:`with_gradient` share it.
     Memos of solves (which depend on the caller's work, not only on the data) are never kept here: see
     ``formulations.objective.UpdateMemo``, which the caller owns.
+
+    Rows of one layer (the layer-wise objective) are blocks that differ only in ``w``: :meth:`with_weights`
+    makes them from one problem, sharing the factor and a second slot, ``derived(..., shared=True)``, for
+    quantities that depend on neither ``w``, ``k`` nor ``g`` (H⁻¹, diag(H⁻¹)): computed once per layer,
+    never once per row.
     """
 
     weights: np.ndarray
@@ -88,6 +94,7 @@ class BlockProblem:
     def __post_init__(self) -> None:
         # the derived-data slot (see the class docstring): not a field, so not a constructor argument
         object.__setattr__(self, "_derived", {})
+        object.__setattr__(self, "_shared", None)  # a dict once with_weights shares it (class docstring)
         w = np.asarray(self.weights)
         if w.ndim != 1 or w.size == 0:
             raise _fail("weights", "a non-empty 1-D array", _describe(w))
@@ -188,23 +195,45 @@ class BlockProblem:
                              self.pattern)
         return self._sharing(other, gradient=False)
 
+    def with_weights(self, weights: np.ndarray, label: str = "") -> "BlockProblem":
+        """The same block (factor or Fisher, λ, k, pattern; g = 0) for other weights ``w`` (n,), e.g. another
+        row of the same layer. The factor is not validated or copied again, and the weight-independent
+        derived data (``derived(..., shared=True)``) is shared with this problem and its other rows."""
+        w = np.asarray(weights)
+        if w.shape != (self.n,):
+            raise _fail("weights", f"an array of shape ({self.n},) (the block's size)", _describe(w))
+        w = w.astype(np.float64, copy=True)
+        if not np.all(np.isfinite(w)):
+            raise _fail("weights", "finite", "an array with NaN or inf")
+        w.setflags(write=False)
+        if self._shared is None:
+            object.__setattr__(self, "_shared", {})
+        other = copy.copy(self)
+        for name, value in (("weights", w), ("gradient", None), ("label", str(label)), ("_derived", {})):
+            object.__setattr__(other, name, value)
+        return other
+
     def _sharing(self, other: "BlockProblem", gradient: bool) -> "BlockProblem":
         """``other`` (validated, equal data) made to hold this problem's very arrays and derived data."""
         names = ("weights", "factor", "fisher") + (("gradient",) if gradient else ())
         for name in names:
             object.__setattr__(other, name, getattr(self, name))
         object.__setattr__(other, "_derived", self._derived)
+        object.__setattr__(other, "_shared", self._shared)
         return other
 
     # ----------------------------------------------------------- derived data
-    def derived(self, key: Any, compute: Callable[["BlockProblem"], _T]) -> _T:
+    def derived(self, key: Any, compute: Callable[["BlockProblem"], _T], shared: bool = False) -> _T:
         """The derived quantity ``key``: ``compute(self)`` the first time, the same object afterwards
         (arrays are made read-only).
 
         Only for pure functions of the block's data that depend neither on ``n_keep`` nor on
         ``gradient`` (the slot is shared by :meth:`with_n_keep` and :meth:`with_gradient`), e.g. y = Xw or
-        diag(H⁻¹) for a given method. Never for results of a search or a solve."""
-        store = self._derived
+        diag(H⁻¹) for a given method. Never for results of a search or a solve.
+
+        ``shared``: the quantity does not depend on ``w`` either; it is kept in the slot that
+        :meth:`with_weights` shares between rows (in this problem's own slot when it has none)."""
+        store = self._shared if shared and self._shared is not None else self._derived
         if key not in store:
             value = compute(self)
             if isinstance(value, np.ndarray):

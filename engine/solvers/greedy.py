@@ -89,7 +89,7 @@ def obs_elimination(
 
     # state over the `active` weights (global indices, ascending); `base` is H_SS⁻¹ before the pending terms
     active = np.arange(n)
-    base = np.asfortranarray(H_inv)
+    base = np.array(H_inv, order="F")  # a copy: the downdates write into it, and H⁻¹ may be shared by rows
     del H_inv
     v = v_full
     diag = np.diag(base).copy()

@@ -94,7 +94,13 @@ def hessian_matrix(problem: BlockProblem, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 def hessian_inverse(problem: BlockProblem, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
-    """H⁻¹ = (XᵀX + λI)⁻¹, shape (n, n), float64, symmetric. Small/medium blocks only (n² memory)."""
+    """H⁻¹ = (XᵀX + λI)⁻¹, shape (n, n), float64, symmetric. Small/medium blocks only (n² memory).
+
+    Rows of one layer (:meth:`~formulations.problem.BlockProblem.with_weights`) share one read-only H⁻¹,
+    computed for the first row (callers that modify it copy it); a lone block computes its own each call,
+    so no n×n matrix outlives the solve that needed it."""
+    if problem._shared is not None:
+        return problem.derived("hessian_inverse", lambda p: spd_inverse(hessian_matrix(p, chunk_bytes)), shared=True)
     return spd_inverse(hessian_matrix(problem, chunk_bytes))
 
 
@@ -169,7 +175,7 @@ def obs_scores(problem: BlockProblem, method: str = "auto", chunk_bytes: int = D
     (:meth:`~formulations.problem.BlockProblem.derived`): the budget, the solver and every
     :meth:`~formulations.problem.BlockProblem.with_n_keep` copy of one block compute it once."""
     key = ("hessian_inverse_diagonal", _choose_method(problem, method))
-    diag = problem.derived(key, lambda p: hessian_inverse_diagonal(p, method, chunk_bytes))
+    diag = problem.derived(key, lambda p: hessian_inverse_diagonal(p, method, chunk_bytes), shared=True)
     return problem.weights**2 / diag
 
 
