@@ -68,9 +68,13 @@ class _ConfigMethods:
             raise invalid_option("first_order", where, "True when couple_mean is on", False)
         if self.pattern is not None:
             implied = 1.0 - self.pattern[0] / self.pattern[1]
-            if self.objective != "reconstruction":
-                raise invalid_option("pattern", where, "unstructured unless objective is 'reconstruction' (N:M blocks "
-                                     "of the Fisher objective are not built yet)", f"{self.pattern[0]}:{self.pattern[1]}")
+            if self.stages != 1:
+                raise invalid_option("stages", where, f"1 with pattern {self.pattern[0]}:{self.pattern[1]} (the "
+                                     "groups fix every block's count in one pass)", self.stages)
+            if self.allocation != "uniform":
+                raise invalid_option("allocation", where, f"'uniform' with pattern {self.pattern[0]}:"
+                                     f"{self.pattern[1]} (it keeps N of every M in every block)",
+                                     repr(self.allocation))
             if abs(self.sparsity - implied) > 1e-9:
                 raise invalid_option("sparsity", where, f"1 - N/M = {implied:g} with pattern "
                                      f"{self.pattern[0]}:{self.pattern[1]}", self.sparsity)

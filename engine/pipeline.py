@@ -171,6 +171,10 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
                "calibration_samples": min(option("calibration_samples").default, len(train)),
                "bn_reestimate": rec["bn_reestimate"],
                "bn_augment": rec["bn_augment"]}
+    elif settings.get("pattern") not in (None, "unstructured"):
+        # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
+        # weight is stored transposed (its groups run down the stored columns)
+        rec.update(stages=1, allocation="uniform", **({"block_mode": "row"} if set(names) & set(transposed) else {}))
     rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
     if bn_reestimate is None:
         bn_reestimate = rec_bn

@@ -17,6 +17,7 @@ whole recommended pipeline around this (evaluation, BatchNorm, records) see :fun
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -79,6 +80,8 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
     if config.needs_gradients:
         _check_memory(config, sum(params[n].numel() for n in parameter_names))
     cap = solver.capabilities
+    if config.pattern is not None:
+        _check_pattern_geometry(config, {n: params[n].shape for n in parameter_names}, transposed, solver)
     largest = max(b.n for b in make_blocks(parameter_names, [params[n].shape for n in parameter_names],
                                            config.block_mode, config.block_size, transposed))
     if cap.max_size is not None and largest > cap.max_size:
@@ -87,6 +90,30 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
             f"{largest}. Use --block-mode chunk --block-size B (B <= {cap.max_size}) or another method."
         )
     return solver
+
+
+def _check_pattern_geometry(config: PruneConfig, shapes: dict[str, torch.Size], transposed: frozenset[str],
+                            solver: SubsetSolver) -> None:
+    """Under an N:M pattern every group of M consecutive weights of a block must lie in one row (a unit's
+    inputs): M divides every row length, a transposed weight (GPT-2 ``Conv1D``) is split by rows
+    (``block_mode`` 'row'), a chunk holds whole groups; and the method honours patterns."""
+    N, M = config.pattern
+    where, shown = "prune()", f"{N}:{M}"
+    if not getattr(solver.capabilities, "patterns", False):
+        from .solvers.registry import pattern_solvers
+
+        raise invalid_option("method", where, f"a solver that honours N:M patterns ({', '.join(pattern_solvers())})",
+                             repr(solver.name))
+    for name, shape in shapes.items():
+        row = shape[0] if name in transposed else (math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape))
+        if row % M:
+            raise invalid_option("pattern", where, f"N:M with M dividing every pruned row's length ({name}: {row})",
+                                 shown)
+        if name in transposed and config.block_mode != "row":
+            raise invalid_option("block_mode", where, f"'row' with a pattern when a pruned weight is stored "
+                                 f"transposed ({name})", repr(config.block_mode))
+    if config.block_mode == "chunk" and config.block_size % M:
+        raise invalid_option("block_size", where, f"a multiple of M = {M} with pattern {shown}", config.block_size)
 
 
 def _check_memory(config: PruneConfig, n_weights: int) -> None:

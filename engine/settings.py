@@ -244,7 +244,7 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
        choices=("fisher", "reconstruction")),
     _S("calibration_samples", "int", 128, "reconstruction: samples whose layer inputs build H", 1),
     _S("sequential", "bool", True, "reconstruction: layers see the pruned layers' outputs"),
-    _S("pattern", "object", None, "reconstruction: keep N of every M inputs of a row", validator=_pattern,
+    _S("pattern", "object", None, "keep N of every M consecutive inputs of every row (both objectives)", validator=_pattern,
        nullable=True,
        metavar="N:M", reader=lambda text: text, allowed_text="'unstructured' or N:M with integers 1 <= N < M"),
     _S("seed", "int", 0, "seeds every sample draw and every solver", 0),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from formulations.allocation import allocate_global, allocate_uniform, n_keep_for
+from formulations.patterns import top_per_group
 from formulations.objective import UpdateMemo
 from formulations.problem import BlockProblem
 
@@ -113,7 +114,7 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
     n_keep = min(n_keep_for(n_total, target), sum(p.n for p in problems))
     t_budget = time.perf_counter()
     ks, budget_info = _budget(config, problems, n_keep)
-    problems = [p.with_n_keep(k) for p, k in zip(problems, ks)]
+    problems = [p.with_n_keep(k, config.pattern) for p, k in zip(problems, ks)]
     budget_seconds = time.perf_counter() - t_budget
 
     # ---- select
@@ -220,7 +221,9 @@ def _magnitude_stage(run: Run, stage: int, target: float, alive: dict[str, torch
     masks = [b.gather_values(alive).numpy() for b in blocks]
     live = [np.where(m, np.abs(w), -1.0) for w, m in zip(weights, masks)]  # pruned weights never come back
     n_keep = n_keep_for(sum(w.size for w in weights), target)
-    if len(blocks) == 1:
+    if config.pattern is not None:
+        ks = [w.size // config.pattern[1] * config.pattern[0] for w in weights]
+    elif len(blocks) == 1:
         ks = [n_keep]
     elif config.allocation == "uniform":
         ks = allocate_uniform([w.size for w in weights], n_keep)
@@ -230,7 +233,7 @@ def _magnitude_stage(run: Run, stage: int, target: float, alive: dict[str, torch
     updated = {n: values[n].reshape(-1).clone() for n in run.names}
     records, results = [], []
     for b, w, score, k in zip(blocks, weights, live, ks):
-        support = top_k_support(score, k)
+        support = top_k_support(score, k) if config.pattern is None else top_per_group(score, config.pattern)
         keep = torch.from_numpy(support)
         b.scatter(new_alive, keep)
         b.scatter(updated, torch.from_numpy(np.where(support, w, 0.0)))
@@ -304,7 +307,11 @@ def _stage_problems(run: Run, values: dict[str, torch.Tensor], alive: dict[str, 
 
 
 def _budget(config: PruneConfig, problems: list[BlockProblem], n_keep: int) -> tuple[list[int], dict]:
-    """k_b of every block (over its alive weights) so that Σ k_b = n_keep; (ks, details for the record)."""
+    """k_b of every block (over its alive weights) so that Σ k_b = n_keep; (ks, details for the record).
+    Under an N:M pattern every block keeps N of every M (n_b/M · N; the whole budget, as sparsity = 1 − N/M)."""
+    if config.pattern is not None:
+        N, M = config.pattern
+        return [p.n // M * N for p in problems], {}
     if len(problems) == 1:
         return [n_keep], {}
     if config.allocation == "uniform":

@@ -181,11 +181,13 @@ class BlockProblem:
         """Rows of the factor ``N`` (``n`` when only a dense Fisher is held)."""
         return self.factor.shape[0] if self.factor is not None else self.n
 
-    def with_n_keep(self, n_keep: int) -> "BlockProblem":
-        """The same block with another budget: shares the (read-only) arrays, the gradient object included,
-        and the derived data, none of which depends on k (y = Xw, factors, diag(H⁻¹)); no copy."""
+    def with_n_keep(self, n_keep: int, pattern: tuple[int, int] | None | str = "same") -> "BlockProblem":
+        """The same block with another budget (and, when given, another ``pattern``: None for unstructured):
+        shares the (read-only) arrays, the gradient object included, and the derived data, none of which
+        depends on k (y = Xw, factors, diag(H⁻¹)); no copy."""
+        pattern = self.pattern if isinstance(pattern, str) and pattern == "same" else pattern
         other = BlockProblem(self.weights, n_keep, self.damping, self.factor, self.fisher, self.gradient, self.label,
-                             self.pattern)
+                             pattern)
         return self._sharing(other, gradient=True)
 
     def with_gradient(self, gradient: np.ndarray | None) -> "BlockProblem":
