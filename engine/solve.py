@@ -325,7 +325,7 @@ def _refute(problem: BlockProblem, support: np.ndarray, claim: float, name: str,
 def _brute_force_candidates(problem: BlockProblem, support: np.ndarray, claim: float) -> list[np.ndarray]:
     """The REFUTE_CANDIDATES best of all C(n, k) supports other than ``support`` by the batched dense evaluator,
     those it puts below ``claim`` (it only ranks: the caller re-scores them exactly)."""
-    from .solvers.branch_and_bound import DenseEvaluator  # numpy only; imported when a tiny block is checked
+    from .solvers.incumbent import DenseEvaluator  # numpy only; imported when a tiny block is checked
     from .solvers.brute_force import side_combinations
 
     n, k = problem.n, problem.n_keep

@@ -26,6 +26,7 @@ import numpy as np
 from .errors import InvalidProblemError
 
 __all__ = ["parse_pattern", "check_pattern", "pattern_violation", "top_per_group", "group_top_sum",
+           "node_groups", "propagate", "top_within", "within_thresholds",
            "pattern_sparsity"]
 
 
@@ -106,3 +107,50 @@ def group_top_sum(scores: np.ndarray, pattern: tuple[int, int]) -> float:
     N, M = pattern
     c = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1, M), axis=1)
     return float(c[:, M - N:].sum())
+
+
+# ---------------------------------------------------------------- a search over N:M supports (branch-and-bound)
+# A node fixes some weights in (``keep``, global (n,) bool) and leaves ``free`` (global indices, ascending)
+# undecided; the rest are out. Group g still needs need_g = N − (kept in g) of its free weights.
+def node_groups(keep: np.ndarray, free: np.ndarray, pattern: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(group of every free weight (m,), need_g for every group (n/M,)) at a node."""
+    N, M = pattern
+    kept = np.bincount(np.flatnonzero(keep) // M, minlength=keep.size // M)
+    return np.asarray(free) // M, N - kept
+
+
+def propagate(keep: np.ndarray, free: np.ndarray, pattern: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The free weights the pattern decides at a node: (in, out) local masks (m,), or None when no N:M
+    completion exists (a group with more than N kept, or fewer free weights than it still needs). A group
+    that has its N is closed (its free weights out); one whose free weights are exactly what it needs
+    takes them all."""
+    groups, need = node_groups(keep, free, pattern)
+    avail = np.bincount(groups, minlength=need.size)
+    if (need < 0).any() or (avail < need).any():
+        return None
+    return (avail[groups] == need[groups]) & (need[groups] > 0), need[groups] == 0
+
+
+def top_within(scores: np.ndarray, groups: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """Mask (m,) of the need_g largest ``scores`` within each group (ties: lower position)."""
+    m = scores.size
+    order = np.lexsort((np.arange(m), -scores, groups))  # by group, then score descending
+    g = groups[order]
+    first = np.searchsorted(g, g, side="left")  # position of each group's first entry in ``order``
+    chosen = np.zeros(m, dtype=bool)
+    chosen[order] = (np.arange(m) - first) < need[g]
+    return chosen
+
+
+def within_thresholds(scores: np.ndarray, groups: np.ndarray, need: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                           np.ndarray]:
+    """(chosen mask, the smallest chosen score of each weight's group, the largest unchosen one) (m,) each,
+    for groups with 0 < need_g < free_g; reduced-cost fixing per group uses them as the unstructured search
+    uses the k-th and (k+1)-th scores (−inf / +inf where a group has none)."""
+    chosen = top_within(scores, groups, need)
+    G = need.size
+    low = np.full(G, np.inf)
+    np.minimum.at(low, groups[chosen], scores[chosen])
+    high = np.full(G, -np.inf)
+    np.maximum.at(high, groups[~chosen], scores[~chosen])
+    return chosen, low[groups], high[groups]

@@ -29,6 +29,13 @@ abs_gap). Branching variable: the largest fractional z_i of the node's relaxatio
 largest |v_i| among the undecided coordinates; 3.5× fewer nodes than the most fractional one). Stops with OPTIMAL when the heap empties; with a time or node limit it returns the incumbent,
 the global bound min(open bounds) and the gap (Termination.TIME_LIMIT / ITERATION_LIMIT).
 
+**N:M patterns.** On a patterned block the search runs over N:M supports only: at every node the pattern
+closes groups that have their N and fills groups whose free weights are exactly what they still need
+(``formulations.patterns.propagate``; a node with no N:M completion is dropped), the bound at the
+relaxation's dual point takes the need_g best scores of each group instead of the k' best overall (valid,
+and never weaker), rounding, reduced-cost fixing and the swap search work within groups, and the
+incumbent starts from magnitude and OBS scores per group.
+
 Dense: O(n²) memory, O(n³) per node; for blocks up to a few hundred weights (max_size = 512).
 """
 
@@ -49,162 +56,16 @@ from formulations.cuts import (
     solve_perspective,
 )
 from formulations.objective import optimal_update, relative_gap
+from formulations.patterns import node_groups, propagate, top_within, within_thresholds
 from formulations.problem import BlockProblem
 
 from ..errors import invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
-from .base import Capabilities, SubsetSolver, spd_inverse, top_k_support
+from .base import Capabilities, SubsetSolver
+from .incumbent import DenseEvaluator, heuristic_incumbent, swap_local_search
 
 __all__ = ["BranchAndBoundSolver", "swap_local_search", "heuristic_incumbent", "DenseEvaluator"]
-
-
-# ----------------------------------------------------------------------------------- exact E(S), batched
-class DenseEvaluator:
-    """E(S) for many supports of one block from dense H (n×n) and H⁻¹, float64.
-
-    Pruned side (|P| ≤ |S|): with G = H⁻¹ and u = w − Gg, E(S) = −½ gᵀGg + ½ u_Pᵀ (G_PP)⁻¹ u_P.
-    Kept side: E(S) = ½ w_PᵀH_PP w_P − g_Pᵀw_P − ½ b_Sᵀ H_SS⁻¹ b_S with b_S = g_S − H_SP w_P, where
-    w_PᵀH_PPw_P = wᵀHw − 2 w_Sᵀ(Hw)_S + w_SᵀH_SS w_S. Both are exact for any g; the side with the
-    smaller m = min(k, n − k) is used (batched m×m solves).
-    """
-
-    def __init__(self, problem: BlockProblem, hessian: np.ndarray | None = None) -> None:
-        self.n, self.k = problem.n, problem.n_keep
-        self.H = problem.dense_hessian() if hessian is None else hessian
-        self.w = problem.weights
-        self.g = problem.gradient if problem.gradient is not None else np.zeros(self.n)
-        self.pruned_side = (self.n - self.k) <= self.k
-        if self.pruned_side:
-            self.G = spd_inverse(self.H)  # symmetric by construction
-            Gg = self.G @ self.g
-            self.u = self.w - Gg
-            self.base = -0.5 * float(self.g @ Gg)
-        else:
-            self.Hw = self.H @ self.w
-            self.wHw = float(self.w @ self.Hw)
-            self.gw = float(self.g @ self.w)
-
-    def side_sets(self, supports: np.ndarray) -> np.ndarray:
-        """(B, m) sorted indices of the evaluated side (pruned or kept) of each support (B, n) bool."""
-        side = ~supports if self.pruned_side else supports
-        m = self.n - self.k if self.pruned_side else self.k
-        return np.nonzero(side)[1].reshape(side.shape[0], m)
-
-    def values(self, supports: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """E(S) for each row of ``supports`` (B, n) bool; shape (B,)."""
-        supports = np.atleast_2d(np.asarray(supports, dtype=bool))
-        out = np.empty(supports.shape[0])
-        for s0 in range(0, supports.shape[0], chunk):
-            out[s0 : s0 + chunk] = self._values(self.side_sets(supports[s0 : s0 + chunk]))
-        return out
-
-    def _values(self, idx: np.ndarray) -> np.ndarray:
-        B, m = idx.shape
-        if m == 0:
-            if self.pruned_side:
-                return np.full(B, self.base)
-            return np.full(B, 0.5 * self.wHw - self.gw)
-        if self.pruned_side:
-            A = self.G[idx[:, :, None], idx[:, None, :]]
-            uP = self.u[idx]
-            sol = np.linalg.solve(A, uP[..., None])[..., 0]
-            return self.base + 0.5 * np.einsum("bi,bi->b", uP, sol)
-        A = self.H[idx[:, :, None], idx[:, None, :]]
-        wS, gS, HwS = self.w[idx], self.g[idx], self.Hw[idx]
-        AwS = np.einsum("bij,bj->bi", A, wS)
-        bS = gS - HwS + AwS
-        wPHwP = self.wHw - 2.0 * np.einsum("bi,bi->b", wS, HwS) + np.einsum("bi,bi->b", wS, AwS)
-        sol = np.linalg.solve(A, bS[..., None])[..., 0]
-        gPwP = self.gw - np.einsum("bi,bi->b", gS, wS)
-        return 0.5 * wPHwP - gPwP - 0.5 * np.einsum("bi,bi->b", bS, sol)
-
-
-def swap_local_search(
-    evaluator: DenseEvaluator, support: np.ndarray, deadline: float | None = None, max_passes: int = 1000
-) -> tuple[np.ndarray, float, int]:
-    """Best-improvement single-swap local search on the exact E(S).
-
-    Each pass scores all k(n − k) swaps (one kept weight out, one pruned weight in), in batches of at most
-    ~2²² matrix entries (m×m each, m = min(k, n − k)), and takes the best if it lowers E by more than
-    rounding (1e-12 relative). The ``deadline`` is checked between batches too (one pass at n = 200 takes
-    seconds): past it, the best swap scored so far is made if it improves, and the search stops.
-    Returns (support, E, passes).
-    """
-    S = np.asarray(support, dtype=bool).copy()
-    value = float(evaluator.values(S[None, :])[0])
-    passes = 0
-    kept, pruned = np.flatnonzero(S), np.flatnonzero(~S)
-    if kept.size == 0 or pruned.size == 0:
-        return S, value, 0
-    m = min(kept.size, pruned.size)
-    batch = max(1, min(4096, 2**22 // (m * m)))
-    late = False
-    while passes < max_passes and not late:
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-        passes += 1
-        kept, pruned = np.flatnonzero(S), np.flatnonzero(~S)
-        ii, jj = np.meshgrid(kept, pruned, indexing="ij")
-        ii, jj = ii.ravel(), jj.ravel()
-        best_val, best = math.inf, None
-        for b0 in range(0, ii.size, batch):
-            if b0 and deadline is not None and time.perf_counter() > deadline:
-                late = True
-                break
-            rows = np.arange(min(batch, ii.size - b0))
-            cand = np.repeat(S[None, :], rows.size, axis=0)
-            cand[rows, ii[b0 : b0 + rows.size]] = False
-            cand[rows, jj[b0 : b0 + rows.size]] = True
-            vals = evaluator.values(cand)
-            b = int(np.argmin(vals))
-            if vals[b] < best_val:  # strict: the first of equal values, as one argmin over the pass
-                best_val, best = float(vals[b]), cand[b].copy()
-        if best is not None and best_val < value - 1e-12 * max(1.0, abs(value)):
-            S, value = best, best_val
-        else:
-            break
-    return S, value, passes
-
-
-def heuristic_incumbent(
-    problem: BlockProblem,
-    evaluator: DenseEvaluator,
-    warm_start: np.ndarray | None = None,
-    deadline: float | None = None,
-) -> tuple[np.ndarray, float, dict]:
-    """Best of warm start / magnitude / WoodFisher / greedy OBS, then swap local search. Returns
-    (support, E, info) with info = {"start_values": {...}, "start": name, "swap_passes": int}."""
-    k = problem.n_keep
-    candidates: dict[str, np.ndarray] = {}
-    if warm_start is not None:
-        candidates["warm_start"] = np.asarray(warm_start, dtype=bool)
-    candidates["magnitude"] = top_k_support(np.abs(problem.weights), k)
-    if evaluator.pruned_side:
-        diag_inv = np.diag(evaluator.G)
-    else:
-        diag_inv = np.diag(np.linalg.inv(evaluator.H))
-    candidates["woodfisher"] = top_k_support(problem.weights**2 / np.maximum(diag_inv, 1e-300), k)
-    try:
-        from .greedy import obs_elimination  # another module of this package; optional for robustness
-
-        path = obs_elimination(problem, deadline=deadline)
-        s = np.ones(problem.n, dtype=bool)
-        s[path.removed] = False
-        candidates["greedy"] = s
-    except Exception:  # noqa: BLE001 - the greedy start is an optimisation, never a requirement
-        pass
-    names = list(candidates)
-    vals = evaluator.values(np.stack([candidates[c] for c in names]))
-    start_values = {nm: float(v) for nm, v in zip(names, vals)}
-    order = np.argsort(vals, kind="stable")
-    best_name = names[int(order[0])]
-    S, value, passes = swap_local_search(evaluator, candidates[best_name], deadline)
-    info = {"start_values": start_values, "start": best_name, "swap_passes": passes}
-    if warm_start is not None and start_values["warm_start"] <= value:
-        # never worse than the warm start, to the last bit
-        S, value = candidates["warm_start"].copy(), start_values["warm_start"]
-    return S, value, info
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -240,6 +101,7 @@ class BranchAndBoundSolver(SubsetSolver):
         reports_bound=True,
         max_size=512,
         warm_start=True,
+        patterns=True,
         description="Exact best-first branch-and-bound with node-wise perspective bounds (numpy; small blocks).",
     )
 
@@ -386,6 +248,7 @@ class _Search:
         self.best_support = best_support
         self.best_value = best_value
         self.seen: set[bytes] = set()
+        self.pattern = evaluator.pattern
         self.counter = 0
         self.improvements = 0
 
@@ -403,7 +266,8 @@ class _Search:
         value = float(self.evaluator.values(support[None, :])[0])
         if value < self.best_value:
             # a new incumbent from the tree: polish it by a few passes of swap local search
-            S, value, _ = swap_local_search(self.evaluator, support, self.deadline, self.solver.polish_passes)
+            S, value, _ = swap_local_search(self.evaluator, support, self.deadline, self.solver.polish_passes,
+                                            self.pattern)
             self.seen.add(np.packbits(S).tobytes())
             self.best_support, self.best_value = S, value
             self.improvements += 1
@@ -414,6 +278,15 @@ class _Search:
         """Bound a node (with reduced-cost fixing); return [] when pruned or solved, else [node]."""
         rounds = 0
         while True:
+            if self.pattern is not None:
+                decided = propagate(keep, sub.index, self.pattern)
+                if decided is None:
+                    return []  # no N:M completion
+                if decided[0].any() or decided[1].any():
+                    keep, prune = keep.copy(), prune.copy()
+                    keep[sub.index[decided[0]]], prune[sub.index[decided[1]]] = True, True
+                    v0 = v0[~(decided[0] | decided[1])]
+                    sub = restrict(sub, *decided)
             m, kk = sub.size, sub.n_keep
             if kk == 0 or kk == m:
                 # a leaf: the support is determined
@@ -426,23 +299,31 @@ class _Search:
             res = solve_perspective(
                 sub, delta, lip, v0=v0, upper=self.threshold(), max_iter=self.solver.relaxation_iters
             )
-            # rounding: fixed-in plus the k' free coordinates with the largest z (then |v|)
-            order = np.lexsort((-np.abs(res.v), -res.z))[:kk]
+            # rounding: fixed-in plus the k' free coordinates with the largest z (then |v|), per group
+            order = np.lexsort((-np.abs(res.v), -res.z))
+            c, bound = res.scores, res.bound
             S = keep.copy()
-            S[sub.index[order]] = True
+            if self.pattern is None:
+                S[sub.index[order[:kk]]] = True
+                srt = np.sort(c)[::-1]
+                ck, ck1 = srt[kk - 1], srt[kk]
+                top = np.zeros(m, dtype=bool)
+                top[np.argsort(-c, kind="stable")[:kk]] = True
+            else:
+                groups, need = node_groups(keep, sub.index, self.pattern)
+                rank = np.empty(m)
+                rank[order] = -np.arange(m, dtype=np.float64)
+                S[sub.index[top_within(rank, groups, need)]] = True
+                top, ck, ck1 = within_thresholds(c, groups, need)
+                bound = max(bound, res.base - float(c[top].sum()))  # the group bound at the same dual point
             self.offer(S)
             thr = self.threshold()
-            if res.bound >= thr:
+            if bound >= thr:
                 return []
             if rounds >= self.solver.fixing_rounds:
                 break
-            c = res.scores
-            srt = np.sort(c)[::-1]
-            ck, ck1 = srt[kk - 1], srt[kk]
-            top = np.zeros(m, dtype=bool)
-            top[np.argsort(-c, kind="stable")[:kk]] = True
-            fix_out = (~top) & (res.bound + ck - c >= thr)
-            fix_in = top & (res.bound + c - ck1 >= thr)
+            fix_out = (~top) & (bound + ck - c >= thr)
+            fix_in = top & (bound + c - ck1 >= thr)
             if not (fix_out.any() or fix_in.any()):
                 break
             if fix_in.sum() > kk or (m - fix_out.sum()) < kk:
@@ -455,7 +336,7 @@ class _Search:
             sub = restrict(sub, fix_in, fix_out)
             rounds += 1
         self.counter += 1
-        return [_Node(res.bound, self.counter, keep, prune, res.v, res.z, res.scores, depth)]
+        return [_Node(bound, self.counter, keep, prune, res.v, res.z, res.scores, depth)]
 
 
 def _jsonable(info: dict) -> dict:

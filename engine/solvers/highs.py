@@ -66,7 +66,7 @@ from ..errors import SolverError, SolverUnavailableError, invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
 from .base import Capabilities, SubsetSolver
-from .branch_and_bound import DenseEvaluator, heuristic_incumbent
+from .incumbent import DenseEvaluator, heuristic_incumbent
 
 __all__ = ["HighsSolver", "qp_relaxation_bound", "solve_budget_allocation", "highs_from_model"]
 

@@ -52,7 +52,7 @@ from ..errors import SolverUnavailableError, invalid_option
 from ..options import SolveOptions
 from ..result import SolveResult, Status, Termination
 from .base import Capabilities, SubsetSolver
-from .branch_and_bound import DenseEvaluator, heuristic_incumbent
+from .incumbent import DenseEvaluator, heuristic_incumbent
 
 __all__ = ["PyomoSolver", "pyomo_model"]
 
