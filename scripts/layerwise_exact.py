@@ -1,13 +1,19 @@
-"""Exact against heuristic on real rows of the reconstruction objective: MLPNet fc2 and fc3.
+"""Exact against heuristic on real rows of the reconstruction objective (MLPNet, charlm, ResNet20).
 
-For every row of the layer (its calibration H from the dense model, λ = 0.01 · mean diag H), the proven optimum
-(brute force where C(n, k), or C(M, N)^(n/M) under a pattern, is small; bnb otherwise, unstructured only) and how
-far each heuristic's E(S) (after the refit) is from it, beside the certified gap each reports on its own.
+For every chosen row of a layer (its calibration H from the dense model, λ = 0.01 · mean diag H), the best
+support the exact solvers find (brute force where C(n, k), or C(M, N)^(n/M) under a pattern, is small; bnb
+otherwise, with a time limit per row: proven or not, with its bound), and how far each heuristic's E(S)
+(after the refit) is from it, beside the certified gap each reports on its own. SparseGPT takes part under
+patterns only (unstructured, it picks its own count per row, so its rows are not the k of the others).
 
-    python scripts/layerwise_exact.py [--layers fc3 fc2] [--patterns unstructured 2:4] [--calibration 1000]
-        [--time-limit 60] [--out results/layerwise_exact]
+    python scripts/layerwise_exact.py --model mlpnet [--layers fc3 fc2] [--patterns unstructured 2:4]
+    python scripts/layerwise_exact.py --model charlm --layers model.transformer.h.0.attn.c_attn \\
+        model.transformer.h.0.mlp.c_fc --rows 16 --time-limit 20
+    python scripts/layerwise_exact.py --model resnet20 --layers layer1.0.conv1 --time-limit 20
 
-Writes ``rows.jsonl`` (one record per row and method) and ``summary.md``. Needs ../shared/data.
+Writes ``<model>/rows.jsonl`` (one record per row and method), ``<model>/summary.md`` and one gap
+distribution plot per layer and pattern (``<model>/<layer>_<pattern>.png``, with the ``plots`` extra) under
+``--out`` (default results/layerwise_exact). Needs ../shared/data.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.calibration import layer_hessians  # noqa: E402
-from engine.data import load_mnist  # noqa: E402
-from engine.models import load_model  # noqa: E402
+from engine.hub import is_transposed_linear  # noqa: E402
+from engine.layerwise import layer_rows  # noqa: E402
 from engine.options import SolveOptions  # noqa: E402
 from engine.records import append_jsonl, environment  # noqa: E402
 from engine.solve import solve_block  # noqa: E402
+from engine.solvers.registry import get_solver  # noqa: E402
 from formulations import objective as obj  # noqa: E402
 from formulations.patterns import parse_pattern  # noqa: E402
 from formulations.problem import BlockProblem, eigen_factor  # noqa: E402
@@ -36,88 +44,142 @@ from formulations.sparsegpt import sparsegpt  # noqa: E402
 
 HEURISTICS = {"unstructured": ["magnitude", "wanda", "woodfisher", "greedy", "admm", "swap"],
               "pattern": ["magnitude", "wanda", "woodfisher", "sparsegpt", "admm", "swap"]}
+DEFAULT_LAYERS = {"mlpnet": ["fc3", "fc2"], "resnet20": ["layer1.0.conv1"],
+                  "charlm": ["model.transformer.h.0.attn.c_attn", "model.transformer.h.0.mlp.c_fc"]}
+
+
+def _model_and_batches(name: str, data_dir: str | None, count: int):
+    """The dense model and ``count`` calibration inputs (seed 0) in batches."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "charlm":
+        from engine.charlm import charlm_data, load_charlm
+
+        model, _ = load_charlm()
+        train, _ = charlm_data(data_dir)
+        order = torch.randperm(len(train), generator=gen)[:count]
+        xs = torch.stack([train[int(i)][0] for i in order])
+        return model, [xs[s : s + 32] for s in range(0, len(xs), 32)]
+    from engine.data import load_cifar10, load_mnist
+    from engine.models import load_model
+
+    model = load_model(name, None)
+    x, _ = (load_mnist if name == "mlpnet" else load_cifar10)(data_dir, "train")
+    order = torch.randperm(x.shape[0], generator=gen)[:count]
+    return model, [x[order[s : s + 250]] for s in range(0, len(order), 250)]
+
+
+def _rows(W: np.ndarray, count: int | None) -> list[int]:
+    """All rows, or ``count`` evenly spaced ones."""
+    if count is None or count >= W.shape[0]:
+        return list(range(W.shape[0]))
+    return sorted({int(i) for i in np.linspace(0, W.shape[0] - 1, count)})
+
+
+def _study(layer, W, H, text, args, rows_path):
+    """One layer under one pattern; returns the summary line and the excess per method."""
+    n = W.shape[1]
+    lam = 0.01 * float(np.mean(np.diag(H)))
+    pattern = parse_pattern(text)
+    k = n // 2 if pattern is None else n // pattern[1] * pattern[0]
+    count = math.comb(n, k) if pattern is None else math.comb(pattern[1], pattern[0]) ** (n // pattern[1])
+    exact = "brute_force" if count <= 2_000_000 else "bnb"
+    own = sparsegpt(W, H + lam * np.eye(n), 0.5, pattern, block=128)[1] if pattern is not None else None
+    methods = HEURISTICS["pattern" if pattern else "unstructured"]
+    stats: dict[str, list] = {m: [] for m in methods}
+    template = BlockProblem(W[0], k, lam, factor=eigen_factor(H), pattern=pattern)
+    proven, seconds, exact_gaps = 0, [], []
+    chosen = _rows(W, args.rows)
+    for i in chosen:
+        p = template.with_weights(W[i], f"{layer}[{i}]")
+        results = {}
+        for method in methods:
+            if method == "sparsegpt":
+                e = obj.optimal_update(p, own[i]).objective
+                results[method] = (e, obj.relative_gap(e, obj.dual_bound(p, support=own[i])), own[i])
+            else:
+                r = solve_block(p, method)
+                results[method] = (r.objective, r.gap, r.support)
+        # the exact search starts from the best heuristic answer (a warm start, as a user would give it)
+        warm = min(results.values(), key=lambda t: t[0])[2]
+        params = {"max_size": n} if exact == "brute_force" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unproven row is recorded, not warned about row by row
+            best = solve_block(p, get_solver(exact, **params), SolveOptions(time_limit=args.time_limit),
+                               warm_start=warm if exact == "bnb" else None)
+        ok = best.status.value == "optimal"
+        proven += ok
+        seconds.append(best.wall_time)
+        exact_gaps.append(best.gap or 0.0)
+        for method, (e, cert, _) in results.items():
+            excess = (e - best.objective) / max(abs(best.objective), 1e-300)
+            stats[method].append((excess, cert))
+            append_jsonl(rows_path, {"layer": layer, "row": i, "pattern": text, "n": n, "k": k, "method": method,
+                                     "objective": e, "best": best.objective, "bound": best.bound,
+                                     "best_proven": ok, "excess": excess, "certified_gap": cert,
+                                     "exact_solver": exact, "exact_seconds": best.wall_time,
+                                     "exact_nodes": best.iterations})
+    line = {"layer": layer, "pattern": text, "rows": len(chosen), "of": W.shape[0], "n": n, "k": k, "exact": exact,
+            "proven": proven, "median_seconds": float(np.median(seconds)), "max_exact_gap": float(max(exact_gaps)),
+            "median_exact_gap": float(np.median(exact_gaps))}
+    for method, vals in stats.items():
+        gaps = np.array([v[0] for v in vals])
+        certs = [v[1] for v in vals if v[1] is not None]
+        line[method] = (float(np.mean(gaps)), float(np.max(gaps)), float(np.mean(gaps <= 1e-9)),
+                        float(np.median(certs)) if certs else None)
+    return line, {m: [v[0] for v in vals] for m, vals in stats.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", nargs="+", default=["fc3", "fc2"])
+    parser.add_argument("--model", default="mlpnet", choices=sorted(DEFAULT_LAYERS))
+    parser.add_argument("--layers", nargs="+", default=None, help="module names (default: the model's in DEFAULT_LAYERS)")
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
-    parser.add_argument("--calibration", type=int, default=1000)
-    parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="calibration inputs (default 1000 images, 128 charlm windows)")
+    parser.add_argument("--rows", type=int, default=None, help="evenly spaced rows per layer (default: all)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds of the exact solver per row")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "layerwise_exact")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows_path = args.out / "rows.jsonl"
+    out = args.out / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
     if rows_path.exists():
         rows_path.unlink()
-    model = load_model("mlpnet", None if args.data_dir is None else Path(args.data_dir) / "weights" /
-                       "woodfisher_mlpnet_mnist_25_epoch_93.97.ckpt")
-    x, _ = load_mnist(args.data_dir, "train")
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: args.calibration]
-    batches = [x[order[s : s + 250]] for s in range(0, len(order), 250)]
+    layers = args.layers or DEFAULT_LAYERS[args.model]
+    count = args.calibration or (128 if args.model == "charlm" else 1000)
+    model, batches = _model_and_batches(args.model, args.data_dir, count)
     modules = dict(model.named_modules())
-    grams = layer_hessians(model, [(n, modules[n]) for n in args.layers], batches)
+    grams = layer_hessians(model, [(n, modules[n]) for n in layers], batches)
     summary = []
-    for layer in args.layers:
+    for layer in layers:
         H = grams[layer].hessian
-        W = modules[layer].weight.detach().double().numpy()
-        lam = 0.01 * float(np.mean(np.diag(H)))
-        X = eigen_factor(H)
-        n = W.shape[1]
+        W = layer_rows(modules[layer], is_transposed_linear(modules[layer])).double().numpy()
         for text in args.patterns:
-            pattern = parse_pattern(text)
-            k = n // 2 if pattern is None else n // pattern[1] * pattern[0]
-            count = math.comb(n, k) if pattern is None else math.comb(pattern[1], pattern[0]) ** (n // pattern[1])
-            exact = "brute_force" if count <= 2_000_000 else ("bnb" if pattern is None else None)
-            if exact is None:
-                print(f"{layer} {text}: {count:.3g} pattern supports and no exact N:M solver beyond brute force: "
-                      "skipped", file=sys.stderr)
-                continue
-            own = sparsegpt(W, H + lam * np.eye(n), 0.5, pattern, block=128)[1] if pattern is not None else None
-            stats: dict[str, list] = {m: [] for m in HEURISTICS["pattern" if pattern else "unstructured"]}
-            proven = 0
-            for i in range(W.shape[0]):
-                p = BlockProblem(W[i], k, lam, factor=X, label=f"{layer}[{i}]", pattern=pattern)
-                params = {"max_size": n} if exact == "brute_force" else {}
-                from engine.solvers.registry import get_solver
-
-                best = solve_block(p, get_solver(exact, **params), SolveOptions(time_limit=args.time_limit))
-                proven += best.status.value == "optimal"
-                for method in stats:
-                    if method == "sparsegpt":
-                        s = own[i]
-                        e = obj.optimal_update(p, s).objective
-                        bound = obj.dual_bound(p, support=s)
-                        cert = obj.relative_gap(e, bound)
-                    else:
-                        r = solve_block(p, method)
-                        e, cert = r.objective, r.gap
-                    true_gap = (e - best.objective) / max(abs(best.objective), 1e-300)
-                    stats[method].append((true_gap, cert))
-                    append_jsonl(rows_path, {"layer": layer, "row": i, "pattern": text, "n": n, "k": k,
-                                             "method": method, "objective": e, "optimum": best.objective,
-                                             "optimum_proven": best.status.value == "optimal", "true_gap": true_gap,
-                                             "certified_gap": cert, "exact_solver": exact,
-                                             "exact_seconds": best.wall_time})
-            line = {"layer": layer, "pattern": text, "rows": W.shape[0], "n": n, "k": k, "exact": exact,
-                    "proven": proven}
-            for method, vals in stats.items():
-                gaps = np.array([v[0] for v in vals])
-                certs = [v[1] for v in vals if v[1] is not None]
-                line[method] = (float(np.mean(gaps)), float(np.max(gaps)), float(np.mean(gaps <= 1e-9)),
-                                float(np.median(certs)) if certs else None)
+            line, excess = _study(layer, W, H, text, args, rows_path)
             summary.append(line)
             print(line, file=sys.stderr)
-    md = ["Rows of MLPNet under the reconstruction objective (calibration: "
-          f"{args.calibration} MNIST training images, seed 0; λ = 0.01 · mean diag H). Per method: mean / max of "
-          "(E − E*)/E* over the rows, share of rows at the optimum, median certified gap it reports on its own.", ""]
+            try:
+                from engine.plots import gap_distribution_plot
+
+                gap_distribution_plot(excess, out / f"{layer.replace('.', '_')}_{text.replace(':', '-')}.png",
+                                      f"{args.model} {layer}, {text}: n = {line['n']}, k = {line['k']}, "
+                                      f"{line['rows']} rows (best by {line['exact']}, proven {line['proven']})")
+            except ImportError as exc:
+                print(f"no plot: {exc}", file=sys.stderr)
+    md = [f"Rows of {args.model} under the reconstruction objective (calibration: {count} training inputs, seed 0; "
+          "λ = 0.01 · mean diag H). Per method: mean / max of (E − E*)/E* over the rows, E* the best support the "
+          "exact solver found (proven optimal on the rows counted), the share of rows at E*, and the median "
+          "certified gap the method reports on its own.", ""]
     for line in summary:
-        md.append(f"**{line['layer']}, {line['pattern']}** ({line['rows']} rows, n = {line['n']}, k = {line['k']}; "
-                  f"optimum by {line['exact']}, proven on {line['proven']}/{line['rows']} rows)")
+        rows = f"{line['rows']} of {line['of']} rows" if line["rows"] < line["of"] else f"{line['rows']} rows"
+        md.append(f"**{line['layer']}, {line['pattern']}** ({rows}, n = {line['n']}, k = {line['k']}; E* by "
+                  f"{line['exact']}, {args.time_limit:g} s limit per row: proven on {line['proven']}/{line['rows']}, "
+                  f"median {line['median_seconds']:.2g} s, exact solver's gap median "
+                  f"{100 * line['median_exact_gap']:.3g} %, max {100 * line['max_exact_gap']:.3g} %)")
         md.append("")
-        md.append("| method | mean excess | max excess | rows optimal | median certified gap |")
+        md.append("| method | mean excess | max excess | rows at E* | median certified gap |")
         md.append("|---|---|---|---|---|")
         for method in HEURISTICS["pattern" if line["pattern"] != "unstructured" else "unstructured"]:
             if method in line:
@@ -126,7 +188,7 @@ def main() -> int:
                           f"{'–' if cert is None else f'{100 * cert:.3g} %'} |")
         md.append("")
     md.append(f"environment: {environment()['versions']}")
-    (args.out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

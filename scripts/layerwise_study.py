@@ -31,6 +31,63 @@ from engine.solvers.registry import get_solver  # noqa: E402
 from formulations.patterns import parse_pattern  # noqa: E402
 
 
+def _mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{m:.4f}"
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{m:.4f} ± {sd:.4f}"
+
+
+def report(rows: list[dict], labels: list[str], args, dense: float) -> list[str]:
+    """The markdown: validation loss per method and setting (mean ± sd over seeds, summed reconstruction
+    error, seconds), "ours" (the refitted method with the lowest mean error, per setting), and ours against
+    SparseGPT layer by layer and against the issue's targets."""
+    def got(method, label):
+        return [r for r in rows if r["method"] == method and r["setting"] == label]
+
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs)
+
+    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Validation loss of charlm (dense {dense:.4f}; {args.windows or 871} windows), mean ± sd over "
+             f"calibration seeds {seeds}; in brackets the summed layer reconstruction error and the seconds of the "
+             "pruning.", "", "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for label in labels:
+            rs = got(method, label)
+            cells.append(f"{_mean_std([r['val_loss'] for r in rs])} ({mean(rs, 'error'):.3g}, "
+                         f"{mean(rs, 'seconds'):.0f} s)" if rs else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    ours = {}
+    for label in labels:
+        refits = [m for m in methods if m.endswith("+refit") and got(m, label)]
+        if refits:
+            ours[label] = min(refits, key=lambda m: mean(got(m, label), "error"))
+    lines.append("| **ours** (lowest error) | " + " | ".join(
+        f"{ours[lb]}: {_mean_std([r['val_loss'] for r in got(ours[lb], lb)])}" if lb in ours else "–"
+        for lb in labels) + " |")
+    lines += ["", "Ours against SparseGPT (its own weights, as published), layer by layer and against the targets "
+              "(mean over seeds):", "", "| setting | ours | layers with error ≤ SparseGPT's | Σ error ours / SparseGPT "
+              "| loss increase ours / SparseGPT | ours below Wanda and SparseGPT |", "|---|---|---|---|---|---|"]
+    for label, method in ours.items():
+        mine, theirs, wanda = got(method, label), got("sparsegpt", label), got("wanda", label)
+        if not theirs:
+            continue
+        per_seed = [(a, b) for a in mine for b in theirs if a["seed"] == b["seed"]]
+        layers_ok = sum(la["error"] <= lb["method_error"] * (1 + 1e-9) for a, b in per_seed
+                        for la, lb in zip(a["layers"], b["layers"]))
+        layers_all = sum(len(a["layers"]) for a, _ in per_seed)
+        ratio = mean(mine, "error") / mean(theirs, "method_error")
+        rise = (mean(mine, "val_loss") - dense) / (mean(theirs, "val_loss") - dense)
+        below = mean(mine, "val_loss") < min(mean(theirs, "val_loss"), mean(wanda, "val_loss") if wanda else 1e9)
+        lines.append(f"| {label} | {method} | {layers_ok}/{layers_all} | {ratio:.3f} | {rise:.3f} | "
+                     f"{'yes' if below else 'no'} |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7, 0.8])
@@ -90,21 +147,9 @@ def main() -> int:
                 append_jsonl(records_path, record)
                 print(f"seed {seed} {label:>5} {method:<10} val {score.loss:.4f} (dense {dense:.4f}) "
                       f"error {record['error']:.4g} {seconds:.1f} s", file=sys.stderr)
-    rows = read_jsonl(records_path)
-    labels = [s[0] for s in settings]
-    lines = [f"Validation loss of charlm (dense {dense:.4f}; {args.windows or 871} windows), mean over seeds "
-             f"{args.seeds}; in brackets the summed layer reconstruction error and seconds.", "",
-             "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for method in sorted({r["method"] for r in rows}, key=lambda m: (m.split("@")[0] not in args.methods, m)):
-        cells = []
-        for label in labels:
-            got = [r for r in rows if r["method"] == method and r["setting"] == label and r["seed"] in args.seeds]
-            if not got:
-                cells.append("–")
-                continue
-            mean = lambda key: sum(r[key] for r in got) / len(got)  # noqa: E731
-            cells.append(f"{mean('val_loss'):.4f} ({mean('error'):.3g}, {mean('seconds'):.0f} s)")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    rows = [{**r, "method": r["method"].split("@")[0]} for r in read_jsonl(records_path)
+            if r["seed"] in args.seeds and r.get("allocation", "uniform") == args.allocation]
+    lines = report(rows, [s[0] for s in settings], args, dense)
     (args.out / "charlm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {records_path} and {args.out / 'charlm.md'}", file=sys.stderr)

@@ -77,3 +77,27 @@ def test_a_row_solves_the_same_alone_or_among_its_layer(solver):
         lone = BlockProblem(W[i], 6, rows[0].damping, factor=rows[0].factor.copy())
         a, b = solve_block(rows[i], solver), solve_block(lone, solver)
         assert np.array_equal(a.support, b.support) and a.objective == pytest.approx(b.objective, rel=1e-9)
+
+
+def test_layerwise_checks_every_row_answer_of_a_plug_in():
+    """A plug-in that claims to honour N:M but keeps the first half of each row is refused by name."""
+    import torch
+    from torch import nn
+
+    from engine.layerwise import prune_layerwise
+    from engine.result import SolveResult, Status, Termination
+    from engine.solve import SolverError
+    from engine.solvers.base import Capabilities, SubsetSolver
+
+    class FirstHalf(SubsetSolver):
+        name = "first_half"
+        capabilities = Capabilities(patterns=True)
+
+        def solve(self, problem, options, warm_start=None):
+            s = np.arange(problem.n) < problem.n_keep
+            return SolveResult(support=s, status=Status.FEASIBLE, termination=Termination.COMPLETED)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(SolverError, match="breaks the 2:4 pattern"):
+        prune_layerwise(model, ["0.weight"], [torch.randn(16, 8)], pattern=(2, 4), method=FirstHalf())
