@@ -4,7 +4,6 @@ and settings that cannot hold a pattern are refused before any work."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import numpy as np

@@ -8,7 +8,6 @@ uninterrupted run (resume). The small cases train on the bundled 8x8 digits, so 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,9 +16,9 @@ from torch import nn
 
 from engine.cli import main
 from engine.data import load_digits
-from engine.errors import CBSError, CheckpointError, DataNotFoundError, InvalidOptionError
+from engine.errors import CheckpointError, DataNotFoundError, InvalidOptionError
 from engine.ghost import GhostSkip, SoftActivation, SoftNeurons
-from engine.models import MLP, MLPNet, ResNet20, build_model, small_mlp
+from engine.models import MLP, MLPNet, ResNet20, small_mlp
 from engine.sparse_masks import load_mask_file, make_mask, mask_scores, mask_sparsity, select_mask
 from engine.training import TrainConfig, apply_masks, count_parameters, rescale_init, train
 
