@@ -28,7 +28,7 @@ from .params import select_parameters
 from .progress import get_logger, progress
 from .pruner import check_prune_inputs, prune
 from .recommend import as_dict, describe, profile_of, recommend
-from .reconstruction import (PATTERN_METHOD, RECONSTRUCTION_METHOD, check_reconstruction_inputs,
+from .reconstruction import (RECONSTRUCTION_METHOD, check_reconstruction_inputs,
                              prune_reconstruction)
 from .records import environment, to_jsonable, write_folder_atomic
 from .settings import PRUNE_OPTIONS, option
@@ -166,8 +166,7 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
     profile = profile_of(model, names, len(train), x.ndim)
     rec = recommend(profile, sparsity, settings.get("method"))
     if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
-        patterned = settings.get("pattern") not in (None, "unstructured")
-        rec = {"method": PATTERN_METHOD if patterned else RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
+        rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
                "calibration_samples": min(option("calibration_samples").default, len(train)),
                "bn_reestimate": rec["bn_reestimate"],
                "bn_augment": rec["bn_augment"]}

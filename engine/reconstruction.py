@@ -19,13 +19,12 @@ from .errors import invalid_option
 from .layerwise import check_layers, prune_layerwise
 from .sources import Samples
 
-__all__ = ["RECONSTRUCTION_METHOD", "PATTERN_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
+__all__ = ["RECONSTRUCTION_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
 
-#: the method the recommendation takes with --objective reconstruction (docs/layerwise.md: OBC's greedy OBS
-#: per row, then the refit, had the lowest charlm validation loss of the methods measured first)
-RECONSTRUCTION_METHOD = "greedy"
-#: the same under an N:M pattern (greedy does not honour patterns)
-PATTERN_METHOD = "sparsegpt"
+#: the method the recommendation takes with --objective reconstruction, unstructured or N:M
+#: (docs/layerwise.md: the ALPS-style ADMM per row, then the refit, had the lowest summed reconstruction error
+#: on charlm at every sparsity and pattern measured, below OBC's greedy OBS and SparseGPT with the refit)
+RECONSTRUCTION_METHOD = "admm"
 
 #: calibration samples per forward pass
 _BATCH = 32

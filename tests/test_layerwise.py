@@ -151,10 +151,10 @@ def test_the_recommendation_under_a_pattern_is_a_pattern_method():
     x = torch.cat(batches)
     run = prepare(model, (x, torch.zeros(len(x), dtype=torch.long)), sparsity=0.5,
                   settings={"objective": "reconstruction", "pattern": "2:4", "calibration_samples": 32})
-    assert run.config.method == "sparsegpt" and "--pattern 2:4" in run.chosen
+    assert run.config.method == "admm" and "--pattern 2:4" in run.chosen
     run = prepare(model, (x, torch.zeros(len(x), dtype=torch.long)), sparsity=0.5,
                   settings={"objective": "reconstruction"})
-    assert run.config.method == "greedy" and run.config.stages == 1
+    assert run.config.method == "admm" and run.config.stages == 1
     assert run.config.calibration_samples == len(x)  # shrunk to the data
 
 
