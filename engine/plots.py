@@ -85,7 +85,7 @@ def gap_distribution_plot(excess: dict[str, list[float]], path: str | Path, titl
         ax.scatter([i] * len(vals), vals, s=6, alpha=0.35, color="black")
     ax.set_yscale("log")
     ax.set_xticks(range(1, len(names) + 1))
-    ax.set_xticklabels([f"{m}\n{100 * sum(v <= 1e-9 for v in excess[m]) / max(len(excess[m]), 1):.0f} % opt"
+    ax.set_xticklabels([f"{m}\n{100 * sum(v <= 1e-9 for v in excess[m]) / max(len(excess[m]), 1):.0f} % at E*"
                         for m in names], fontsize=8)
     ax.set_ylabel("(E − E*) / E*  (rows at E* drawn at %g)" % floor)
     ax.set_title(title, fontsize=10)

@@ -129,6 +129,31 @@ def _study(layer, W, H, text, args, rows_path):
     return line, {m: [v[0] for v in vals] for m, vals in stats.items()}
 
 
+def _plot(model: str, out: Path, layer: str, text: str, excess: dict, line: dict) -> None:
+    try:
+        from engine.plots import gap_distribution_plot
+
+        gap_distribution_plot(excess, out / f"{layer.replace('.', '_')}_{text.replace(':', '-')}.png",
+                              f"{model} {layer}, {text}: n = {line['n']}, k = {line['k']}, {line['rows']} rows "
+                              f"(E* by {line['exact']}, proven on {line['proven']})")
+    except ImportError as exc:
+        print(f"no plot: {exc}", file=sys.stderr)
+
+
+def _redraw(model: str, rows_path: Path, out: Path) -> int:
+    from engine.records import read_jsonl
+
+    rows = read_jsonl(rows_path)
+    for layer, text in dict.fromkeys((r["layer"], r["pattern"]) for r in rows):
+        mine = [r for r in rows if r["layer"] == layer and r["pattern"] == text]
+        excess = {m: [r["excess"] for r in mine if r["method"] == m] for m in dict.fromkeys(r["method"] for r in mine)}
+        first = [r for r in mine if r["method"] == mine[0]["method"]]
+        line = {"n": mine[0]["n"], "k": mine[0]["k"], "rows": len(first), "exact": mine[0]["exact_solver"],
+                "proven": sum(r["best_proven"] for r in first)}
+        _plot(model, out, layer, text, excess, line)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlpnet", choices=sorted(DEFAULT_LAYERS))
@@ -140,11 +165,14 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds of the exact solver per row")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "layerwise_exact")
+    parser.add_argument("--plots-only", action="store_true", help="redraw the plots from <out>/<model>/rows.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out / args.model
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
+    if args.plots_only:
+        return _redraw(args.model, rows_path, out)
     if rows_path.exists():
         rows_path.unlink()
     layers = args.layers or DEFAULT_LAYERS[args.model]
@@ -160,14 +188,7 @@ def main() -> int:
             line, excess = _study(layer, W, H, text, args, rows_path)
             summary.append(line)
             print(line, file=sys.stderr)
-            try:
-                from engine.plots import gap_distribution_plot
-
-                gap_distribution_plot(excess, out / f"{layer.replace('.', '_')}_{text.replace(':', '-')}.png",
-                                      f"{args.model} {layer}, {text}: n = {line['n']}, k = {line['k']}, "
-                                      f"{line['rows']} rows (best by {line['exact']}, proven {line['proven']})")
-            except ImportError as exc:
-                print(f"no plot: {exc}", file=sys.stderr)
+            _plot(args.model, out, layer, text, excess, line)
     md = [f"Rows of {args.model} under the reconstruction objective (calibration: {count} training inputs, seed 0; "
           "λ = 0.01 · mean diag H). Per method: mean / max of (E − E*)/E* over the rows, E* the best support the "
           "exact solver found (proven optimal on the rows counted), the share of rows at E*, and the median "
