@@ -173,7 +173,7 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                     sparsity: float | None = None, pattern: tuple[int, int] | None = None, method: Any = "sparsegpt",
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
                     solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
-                    allocation: str = "uniform",
+                    allocation: str = "uniform", row_budgets: dict[str, Sequence[int]] | None = None,
                     on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
                                                                                      list[LayerRecord]]:
     """Prune ``names`` (weight parameter names) of ``model`` in place, layer by layer; returns (kept masks by
@@ -185,7 +185,9 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     layer's budget K = round((1 − sparsity) · d_out · d_in) over its rows: ``uniform`` (the same k in every row,
     the layer-wise convention), ``magnitude`` or ``obs`` (one threshold on |w| or on the OBS score over the
     layer), or ``loss_curve`` (the exact knapsack over the rows' measured curves E_i(k), :mod:`engine.budget`;
-    rows of one layer share the units of the layer's output error). SparseGPT picks its own per-row counts."""
+    rows of one layer share the units of the layer's output error). SparseGPT picks its own per-row counts.
+    ``row_budgets`` (by parameter name, one k per row, e.g. from a budget across layers) replaces the
+    allocation for the layers it names (unstructured, per-row solvers only)."""
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
@@ -196,6 +198,13 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         raise invalid_option("calibration", where, "at least one batch of calibration inputs", "none")
     layers, solver = check_layers(model, names, pattern=pattern, allocation=allocation, method=method,
                                   solver_params=solver_params)
+    shapes = {pname: layer_rows(module, transposed).shape for pname, (_, module, transposed) in zip(names, layers)}
+    for name, ks in (row_budgets or {}).items():
+        shape = shapes.get(name)
+        if shape is None or pattern is not None or solver is None or len(ks) != shape[0] or \
+                any(not 0 <= int(k) <= shape[1] for k in ks):
+            raise invalid_option("row_budgets", where, "one k in [0, d_in] per row of a pruned layer, unstructured, "
+                                 "with a per-row solver", f"{len(ks)} budgets for {name!r}")
     dense = None if sequential else layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
     masks, records = {}, []
     for pname, (mname, module, transposed) in zip(names, layers):
@@ -209,7 +218,9 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         X = eigen_factor(H)  # XᵀX = H: one factor for every row of the layer
         template = BlockProblem(W[0], k, lam, factor=X, pattern=pattern)
         base = [template.with_weights(W[i], f"{mname}[{i}]") for i in range(d_out)]
-        if allocation != "uniform" and pattern is None and solver is not None:
+        if row_budgets is not None and pname in row_budgets:
+            base = [p.with_n_keep(int(kb)) for p, kb in zip(base, row_budgets[pname])]
+        elif allocation != "uniform" and pattern is None and solver is not None:
             ks = _row_budgets(base, int(round((1 - sparsity) * d_out * d_in)), allocation)
             base = [p.with_n_keep(int(kb)) for p, kb in zip(base, ks)]
         extra: dict[str, Any] = {"lambda": lam, "calibration_rows": gram.rows, "refit": refit}

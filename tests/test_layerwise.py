@@ -206,3 +206,21 @@ def test_checks_come_before_any_layer_is_pruned():
         prune_layerwise(model, names, batches, sparsity=0.5, allocation="knapsack")
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_row_budgets_set_every_rows_count_and_are_checked():
+    from engine.errors import InvalidOptionError
+
+    model, names, batches = _toy(4)
+    ks = [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 4, 2]  # the first layer: 12 rows of 8 inputs
+    masks, records = prune_layerwise(model, names, batches, sparsity=0.5, method="greedy",
+                                     row_budgets={"0.weight": ks})
+    assert masks["0.weight"].sum(1).tolist() == ks
+    assert masks["2.weight"].sum(1).tolist() == [6] * 4  # the other layer keeps the uniform budget
+    for bad in ([1] * 11, [9] * 12):
+        with pytest.raises(InvalidOptionError, match="row_budgets"):
+            prune_layerwise(copy.deepcopy(model), names, batches, sparsity=0.5, method="greedy",
+                            row_budgets={"0.weight": bad})
+    with pytest.raises(InvalidOptionError, match="row_budgets"):
+        prune_layerwise(copy.deepcopy(model), names, batches, sparsity=0.5, method="sparsegpt",
+                        row_budgets={"0.weight": ks})
