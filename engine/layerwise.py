@@ -38,7 +38,8 @@ from .options import SolveOptions
 from .solvers.registry import get_solver
 from .update import shared_factor_update
 
-__all__ = ["LayerRecord", "prune_layerwise", "check_layers", "layer_rows", "reconstruction_error"]
+__all__ = ["LayerRecord", "prune_layerwise", "check_layers", "layer_rows", "reconstruction_error",
+           "global_row_budgets"]
 
 
 @dataclass
@@ -103,14 +104,40 @@ def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray,
     return [r.support for r in results], [r.bound for r in results], updates
 
 
+def global_row_budgets(model: nn.Module, names: Sequence[str], batches: list, sparsity: float,
+                       rel_damping: float = 0.01) -> dict[str, list[int]]:
+    """k for every row of every layer in ``names``: the exact loss-curve knapsack (:mod:`engine.budget`) over
+    all rows of all layers, keeping round((1 − sparsity) · Σ d_out·d_in) weights. Layers' errors are in
+    different units (each layer's output scale), so each row's curve is divided by its layer's dense output
+    energy Σ_i w_iᵀ H w_i (a relative error; E scales with X² and λ alike, so the row's problem takes the
+    factor X/√energy and λ/energy). Every H comes from the model as given (budgets are set before any layer
+    is pruned)."""
+    from .budget import loss_curve_allocation
+
+    layers, _ = check_layers(model, names, pattern=None, allocation="uniform", method="magnitude",
+                             solver_params=None)
+    grams = layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
+    rows: list[BlockProblem] = []
+    owners: list[str] = []
+    for pname, (mname, module, transposed) in zip(names, layers):
+        H = grams[mname].hessian
+        W = layer_rows(module, transposed).double().cpu().numpy()
+        energy = float(np.einsum("oi,ij,oj->", W, H, W)) or 1.0
+        lam = rel_damping * float(np.mean(np.diag(H))) or rel_damping
+        template = BlockProblem(W[0], 0, lam / energy, factor=eigen_factor(H) / np.sqrt(energy))
+        rows += [template.with_weights(W[i]) for i in range(W.shape[0])]
+        owners += [pname] * W.shape[0]
+    ks = loss_curve_allocation(rows, int(round((1 - sparsity) * sum(p.n for p in rows)))).n_keep
+    out: dict[str, list[int]] = {}
+    for pname, k in zip(owners, ks):
+        out.setdefault(pname, []).append(int(k))
+    return out
+
+
 def _row_budgets(rows: list[BlockProblem], n_keep: int, allocation: str) -> list[int]:
     """k_i per row with Σ k_i = n_keep (see :func:`prune_layerwise`)."""
     from formulations.allocation import allocate_global
 
-    if allocation == "loss_curve":
-        from .budget import loss_curve_allocation
-
-        return loss_curve_allocation(rows, n_keep).n_keep
     if allocation == "magnitude":
         return allocate_global([np.abs(p.weights) for p in rows], n_keep)
     if allocation == "obs":
@@ -184,8 +211,9 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     the reconstruction error of the weights written, and the bound of the support. ``allocation`` splits a
     layer's budget K = round((1 − sparsity) · d_out · d_in) over its rows: ``uniform`` (the same k in every row,
     the layer-wise convention), ``magnitude`` or ``obs`` (one threshold on |w| or on the OBS score over the
-    layer), or ``loss_curve`` (the exact knapsack over the rows' measured curves E_i(k), :mod:`engine.budget`;
-    rows of one layer share the units of the layer's output error). SparseGPT picks its own per-row counts.
+    layer); ``loss_curve`` instead splits the whole budget over all rows of all layers by the exact knapsack
+    over their relative error curves (:func:`global_row_budgets`), so layers get different sparsities.
+    SparseGPT picks its own per-row counts.
     ``row_budgets`` (by parameter name, one k per row, e.g. from a budget across layers) replaces the
     allocation for the layers it names (unstructured, per-row solvers only)."""
     where = "prune_layerwise()"
@@ -205,6 +233,8 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                 any(not 0 <= int(k) <= shape[1] for k in ks):
             raise invalid_option("row_budgets", where, "one k in [0, d_in] per row of a pruned layer, unstructured, "
                                  "with a per-row solver", f"{len(ks)} budgets for {name!r}")
+    if allocation == "loss_curve" and pattern is None and solver is not None and row_budgets is None:
+        row_budgets = global_row_budgets(model, names, batches, sparsity, rel_damping)
     dense = None if sequential else layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
     masks, records = {}, []
     for pname, (mname, module, transposed) in zip(names, layers):
