@@ -102,7 +102,8 @@ class BranchAndBoundSolver(SubsetSolver):
         max_size=512,
         warm_start=True,
         patterns=True,
-        description="Exact best-first branch-and-bound with node-wise perspective bounds (numpy; small blocks).",
+        description="Exact best-first branch-and-bound with node-wise perspective bounds (numpy; small blocks; N:M: "
+                    "searches pattern supports only).",
     )
 
     def __init__(
