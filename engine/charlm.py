@@ -45,6 +45,7 @@ __all__ = [
     "load_charlm",
     "evaluation_windows",
     "evaluate_charlm",
+    "calibration_windows",
 ]
 
 #: the packaged model folder (save_pretrained output, vocab.json, train_record.json)
@@ -137,6 +138,16 @@ def evaluation_windows(count: int, windows: int | None = None, seed: int = EVAL_
         raise invalid_option("windows", "evaluate_charlm()", "None or an integer >= 1", repr(windows))
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[:windows].sort().values
+
+
+def calibration_windows(dataset: CharDataset, count: int, seed: int = 0, batch: int = 32) -> list[torch.Tensor]:
+    """Calibration inputs for layer-wise pruning: the first ``count`` windows of ``torch.randperm(len(dataset))``
+    drawn with a Generator seeded ``seed``, in that order, as id batches (≤ ``batch``, T) of the inputs."""
+    for name, value in (("count", count), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise invalid_option(name, "calibration_windows()", "an integer >= 1", repr(value))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return [torch.stack([dataset[int(i)][0] for i in order[s : s + batch]]) for s in range(0, len(order), batch)]
 
 
 @torch.no_grad()

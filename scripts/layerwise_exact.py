@@ -50,21 +50,18 @@ DEFAULT_LAYERS = {"mlpnet": ["fc3", "fc2"], "resnet20": ["layer1.0.conv1"],
 
 def _model_and_batches(name: str, data_dir: str | None, count: int):
     """The dense model and ``count`` calibration inputs (seed 0) in batches."""
-    gen = torch.Generator().manual_seed(0)
     if name == "charlm":
-        from engine.charlm import charlm_data, load_charlm
+        from engine.charlm import calibration_windows, charlm_data, load_charlm
 
         model, _ = load_charlm()
         train, _ = charlm_data(data_dir)
-        order = torch.randperm(len(train), generator=gen)[:count]
-        xs = torch.stack([train[int(i)][0] for i in order])
-        return model, [xs[s : s + 32] for s in range(0, len(xs), 32)]
+        return model, calibration_windows(train, count)
     from engine.data import load_cifar10, load_mnist
     from engine.models import load_model
 
     model = load_model(name, None)
     x, _ = (load_mnist if name == "mlpnet" else load_cifar10)(data_dir, "train")
-    order = torch.randperm(x.shape[0], generator=gen)[:count]
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:count]
     return model, [x[order[s : s + 250]] for s in range(0, len(order), 250)]
 
 

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.charlm import charlm_data, load_charlm  # noqa: E402
+from engine.charlm import calibration_windows, charlm_data, load_charlm  # noqa: E402
 from engine.layerwise import prune_layerwise  # noqa: E402
 from engine.params import select_parameters  # noqa: E402
 from engine.records import append_jsonl, environment  # noqa: E402
@@ -40,8 +40,7 @@ def main() -> int:
     model, _ = load_charlm()
     train, _ = charlm_data(args.data_dir)
     names, _ = select_parameters(model)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:128]
-    calibration = [torch.stack([train[int(i)][0] for i in order[s : s + 32]]) for s in range(0, 128, 32)]
+    calibration = calibration_windows(train, 128)
     per_layer, totals = {}, {}
     for method in args.methods:
         start = time.perf_counter()

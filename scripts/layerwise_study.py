@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.charlm import charlm_data, evaluate_charlm, load_charlm  # noqa: E402
+from engine.charlm import calibration_windows, charlm_data, evaluate_charlm, load_charlm  # noqa: E402
 from engine.layerwise import prune_layerwise  # noqa: E402
 from engine.params import select_parameters  # noqa: E402
 from engine.records import append_jsonl, environment, read_jsonl  # noqa: E402
@@ -117,8 +117,7 @@ def main() -> int:
     dense = evaluate_charlm(model, val, windows=windows).loss
     settings = [(f"{s:g}", s, None) for s in args.sparsities] + [(p, None, parse_pattern(p)) for p in args.patterns]
     for seed in args.seeds:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: args.calibration]
-        calibration = [torch.stack([train[int(i)][0] for i in order[s : s + 32]]) for s in range(0, len(order), 32)]
+        calibration = calibration_windows(train, args.calibration, seed)
         for label, sparsity, pattern in settings:
             for method in args.methods:
                 name = method if args.allocation == "uniform" else f"{method}@{args.allocation}"

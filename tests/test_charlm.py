@@ -12,6 +12,7 @@ import torch
 from engine.charlm import (
     CHARLM_DIR,
     TEXT_FILE,
+    calibration_windows,
     charlm_data,
     charlm_text,
     evaluate_charlm,
@@ -84,6 +85,21 @@ def test_the_evaluation_windows_are_a_fixed_draw():
     chosen = evaluation_windows(871, 20)
     assert torch.equal(chosen, evaluation_windows(871, 20)) and len(set(chosen.tolist())) == 20
     assert torch.equal(chosen, chosen.sort().values) and not torch.equal(chosen, evaluation_windows(871, 20, seed=1))
+
+
+def test_calibration_windows_are_a_seeded_draw_in_batches():
+    from engine.errors import InvalidOptionError
+    from engine.hub import CharDataset
+
+    data = CharDataset(torch.arange(1001) % 7, {str(c): c for c in range(7)}, 10)  # 100 windows of 10 ids
+    batches = calibration_windows(data, 70, seed=3, batch=32)
+    assert [tuple(b.shape) for b in batches] == [(32, 10), (32, 10), (6, 10)]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:70]
+    assert torch.equal(torch.cat(batches), torch.stack([data[int(i)][0] for i in order]))
+    assert len(calibration_windows(data, 500)) == 4  # all 100 windows when more are asked for
+    for name, bad in (("count", 0), ("batch", 1.5), ("count", True)):
+        with pytest.raises(InvalidOptionError, match=f"'{name}' argument of calibration_windows"):
+            calibration_windows(data, **{"count": 5, "batch": 32, name: bad})
 
 
 def test_the_trained_weights_predict_the_validation_text(charlm, text_dir):
