@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from formulations import objective as obj
+from formulations.patterns import pattern_keep
 from formulations.problem import BlockProblem, eigen_factor
 from formulations.sparsegpt import sparsegpt
 
@@ -39,7 +40,7 @@ from .solvers.registry import get_solver
 from .update import shared_factor_update
 
 __all__ = ["LayerRecord", "prune_layerwise", "check_layers", "layer_rows", "reconstruction_error",
-           "global_row_budgets"]
+           "global_row_budgets", "layer_damping"]
 
 
 @dataclass
@@ -74,6 +75,11 @@ def _write_rows(module: nn.Module, transposed: bool, rows: np.ndarray) -> None:
         w.copy_(new.T if transposed else new.reshape(w.shape))
 
 
+def layer_damping(H: np.ndarray, rel_damping: float = 0.01) -> float:
+    """λ = δ · mean(diag H) (δ = ``rel_damping``; δ itself when H is zero)."""
+    return rel_damping * float(np.mean(np.diag(H))) or rel_damping
+
+
 def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
     """Σ_i (v_i − w_i)ᵀ H (v_i − w_i) for rows W, V (d_out, d_in)."""
     D = V - W
@@ -105,25 +111,27 @@ def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray,
 
 
 def global_row_budgets(model: nn.Module, names: Sequence[str], batches: list, sparsity: float,
-                       rel_damping: float = 0.01) -> dict[str, list[int]]:
+                       rel_damping: float = 0.01, grams: dict[str, Any] | None = None) -> dict[str, list[int]]:
     """k for every row of every layer in ``names``: the exact loss-curve knapsack (:mod:`engine.budget`) over
     all rows of all layers, keeping round((1 − sparsity) · Σ d_out·d_in) weights. Layers' errors are in
     different units (each layer's output scale), so each row's curve is divided by its layer's dense output
     energy Σ_i w_iᵀ H w_i (a relative error; E scales with X² and λ alike, so the row's problem takes the
     factor X/√energy and λ/energy). Every H comes from the model as given (budgets are set before any layer
-    is pruned)."""
+    is pruned); ``grams`` (module name → :func:`engine.calibration.layer_hessians` entry) are those H when the
+    caller already has them."""
     from .budget import loss_curve_allocation
 
     layers, _ = check_layers(model, names, pattern=None, allocation="uniform", method="magnitude",
                              solver_params=None)
-    grams = layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
+    if grams is None:
+        grams = layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
     rows: list[BlockProblem] = []
     owners: list[str] = []
     for pname, (mname, module, transposed) in zip(names, layers):
         H = grams[mname].hessian
         W = layer_rows(module, transposed).double().cpu().numpy()
         energy = float(np.einsum("oi,ij,oj->", W, H, W)) or 1.0
-        lam = rel_damping * float(np.mean(np.diag(H))) or rel_damping
+        lam = layer_damping(H, rel_damping)
         template = BlockProblem(W[0], 0, lam / energy, factor=eigen_factor(H) / np.sqrt(energy))
         rows += [template.with_weights(W[i]) for i in range(W.shape[0])]
         owners += [pname] * W.shape[0]
@@ -233,9 +241,9 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                 any(not 0 <= int(k) <= shape[1] for k in ks):
             raise invalid_option("row_budgets", where, "one k in [0, d_in] per row of a pruned layer, unstructured, "
                                  "with a per-row solver", f"{len(ks)} budgets for {name!r}")
-    if allocation == "loss_curve" and pattern is None and solver is not None and row_budgets is None:
-        row_budgets = global_row_budgets(model, names, batches, sparsity, rel_damping)
     dense = None if sequential else layer_hessians(model, [(m, mod) for m, mod, _ in layers], batches)
+    if allocation == "loss_curve" and pattern is None and solver is not None and row_budgets is None:
+        row_budgets = global_row_budgets(model, names, batches, sparsity, rel_damping, grams=dense)
     masks, records = {}, []
     for pname, (mname, module, transposed) in zip(names, layers):
         start = time.perf_counter()
@@ -243,8 +251,8 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         H = gram.hessian
         W = layer_rows(module, transposed).double().cpu().numpy()
         d_out, d_in = W.shape
-        lam = rel_damping * float(np.mean(np.diag(H))) or rel_damping
-        k = d_in // pattern[1] * pattern[0] if pattern is not None else int(round((1 - sparsity) * d_in))
+        lam = layer_damping(H, rel_damping)
+        k = pattern_keep(d_in, pattern) if pattern is not None else int(round((1 - sparsity) * d_in))
         X = eigen_factor(H)  # XᵀX = H: one factor for every row of the layer
         template = BlockProblem(W[0], k, lam, factor=X, pattern=pattern)
         base = [template.with_weights(W[i], f"{mname}[{i}]") for i in range(d_out)]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from formulations.allocation import allocate_global, allocate_uniform, n_keep_for
-from formulations.patterns import top_per_group
+from formulations.patterns import pattern_keep, top_per_group
 from formulations.objective import UpdateMemo
 from formulations.problem import BlockProblem
 
@@ -222,7 +222,7 @@ def _magnitude_stage(run: Run, stage: int, target: float, alive: dict[str, torch
     live = [np.where(m, np.abs(w), -1.0) for w, m in zip(weights, masks)]  # pruned weights never come back
     n_keep = n_keep_for(sum(w.size for w in weights), target)
     if config.pattern is not None:
-        ks = [w.size // config.pattern[1] * config.pattern[0] for w in weights]
+        ks = [pattern_keep(w.size, config.pattern) for w in weights]
     elif len(blocks) == 1:
         ks = [n_keep]
     elif config.allocation == "uniform":
@@ -310,8 +310,7 @@ def _budget(config: PruneConfig, problems: list[BlockProblem], n_keep: int) -> t
     """k_b of every block (over its alive weights) so that Σ k_b = n_keep; (ks, details for the record).
     Under an N:M pattern every block keeps N of every M (n_b/M · N; the whole budget, as sparsity = 1 − N/M)."""
     if config.pattern is not None:
-        N, M = config.pattern
-        return [p.n // M * N for p in problems], {}
+        return [pattern_keep(p.n, config.pattern) for p in problems], {}
     if len(problems) == 1:
         return [n_keep], {}
     if config.allocation == "uniform":

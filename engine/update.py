@@ -269,7 +269,7 @@ def shared_factor_update(
         if p.gradient is not None:
             rhs_all[b] -= _tensor(p.gradient)
     V = torch.zeros_like(W)
-    failed: list[int] = []
+    failed: set[int] = set()
     by_k: dict[int, list[int]] = {}
     for b, m in enumerate(masks):
         by_k.setdefault(int(m.sum()), []).append(b)
@@ -286,7 +286,7 @@ def shared_factor_update(
             ok = _cholesky_ok(L, info)
             vS = torch.cholesky_solve(torch.gather(rhs_all[rows], 1, idx)[..., None], L)[..., 0]
             V[rows[:, None], idx] = vS
-            failed.extend(int(b) for b in rows[~ok])
+            failed.update(int(b) for b in rows[~ok])
     D = V - W
     R = D @ _tensor(X).to(torch.float64).T  # r = X d, (rows, N)
     values = 0.5 * (R * R).sum(1) + 0.5 * lam * (D * D).sum(1)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InvalidProblemError
 
-__all__ = ["parse_pattern", "check_pattern", "pattern_violation", "top_per_group", "group_top_sum",
+__all__ = ["parse_pattern", "check_pattern", "pattern_violation", "top_per_group", "group_top_sum", "pattern_keep",
            "node_groups", "propagate", "top_within", "within_thresholds",
            "pattern_sparsity"]
 
@@ -57,6 +57,11 @@ def pattern_sparsity(pattern: tuple[int, int] | None) -> float | None:
     return None if pattern is None else 1.0 - pattern[0] / pattern[1]
 
 
+def pattern_keep(n: int, pattern: tuple[int, int]) -> int:
+    """Weights an N:M pattern keeps in a block of n (M dividing n): n/M · N."""
+    return n // pattern[1] * pattern[0]
+
+
 def check_pattern(pattern: Any, n: int, k: int) -> tuple[int, int]:
     """(N, M) if it is a valid pattern for a block of n weights keeping k, else InvalidProblemError."""
     try:
@@ -70,8 +75,9 @@ def check_pattern(pattern: Any, n: int, k: int) -> tuple[int, int]:
     if n % M:
         raise InvalidProblemError(f"The 'pattern' argument of BlockProblem must have M dividing the block's {n} "
                                   f"weights. Got {N}:{M}.")
-    if k != n // M * N:
-        raise InvalidProblemError(f"The 'n_keep' argument of BlockProblem must be n/M·N = {n // M * N} with "
+    keep = pattern_keep(n, parsed)
+    if k != keep:
+        raise InvalidProblemError(f"The 'n_keep' argument of BlockProblem must be n/M·N = {keep} with "
                                   f"pattern {N}:{M} and n = {n}. Got {k}.")
     return parsed
 

@@ -197,6 +197,11 @@ class BlockProblem:
                              self.pattern)
         return self._sharing(other, gradient=False)
 
+    @property
+    def shares_rows(self) -> bool:
+        """Whether this block shares weight-independent derived data with other rows (:meth:`with_weights`)."""
+        return self._shared is not None
+
     def with_weights(self, weights: np.ndarray, label: str = "") -> "BlockProblem":
         """The same block (factor or Fisher, λ, k, pattern; g = 0) for other weights ``w`` (n,), e.g. another
         row of the same layer. The factor is not validated or copied again, and the weight-independent

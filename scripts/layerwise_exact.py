@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from engine.calibration import layer_hessians  # noqa: E402
 from engine.hub import is_transposed_linear  # noqa: E402
-from engine.layerwise import layer_rows  # noqa: E402
+from engine.layerwise import layer_damping, layer_rows  # noqa: E402
 from engine.options import SolveOptions  # noqa: E402
 from engine.records import append_jsonl, environment  # noqa: E402
 from engine.solve import solve_block  # noqa: E402
 from engine.solvers.registry import get_solver  # noqa: E402
 from formulations import objective as obj  # noqa: E402
-from formulations.patterns import parse_pattern  # noqa: E402
+from formulations.patterns import parse_pattern, pattern_keep  # noqa: E402
 from formulations.problem import BlockProblem, eigen_factor  # noqa: E402
 from formulations.sparsegpt import sparsegpt  # noqa: E402
 
@@ -75,9 +75,9 @@ def _rows(W: np.ndarray, count: int | None) -> list[int]:
 def _study(layer, W, H, text, args, rows_path):
     """One layer under one pattern; returns the summary line and the excess per method."""
     n = W.shape[1]
-    lam = 0.01 * float(np.mean(np.diag(H)))
+    lam = layer_damping(H)
     pattern = parse_pattern(text)
-    k = n // 2 if pattern is None else n // pattern[1] * pattern[0]
+    k = n // 2 if pattern is None else pattern_keep(n, pattern)
     count = math.comb(n, k) if pattern is None else math.comb(pattern[1], pattern[0]) ** (n // pattern[1])
     exact = "brute_force" if count <= 2_000_000 else "bnb"
     own = sparsegpt(W, H + lam * np.eye(n), 0.5, pattern, block=128)[1] if pattern is not None else None

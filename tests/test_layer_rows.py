@@ -28,6 +28,7 @@ def _layer(d_out=7, d_in=12, T=40, seed=0):
 def test_rows_share_the_factor_and_one_inverse():
     H, W, rows, _ = _layer()
     assert all(r.factor is rows[0].factor for r in rows)
+    assert all(r.shares_rows for r in rows) and not BlockProblem(W[0], 6, 0.1, factor=rows[0].factor).shares_rows
     inv = hessian_inverse(rows[0])
     assert hessian_inverse(rows[3]) is inv  # computed once for the layer
     assert np.allclose(inv, np.linalg.inv(H + rows[0].damping * np.eye(H.shape[0])), atol=1e-10)

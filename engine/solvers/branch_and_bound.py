@@ -284,10 +284,7 @@ class _Search:
                 if decided is None:
                     return []  # no N:M completion
                 if decided[0].any() or decided[1].any():
-                    keep, prune = keep.copy(), prune.copy()
-                    keep[sub.index[decided[0]]], prune[sub.index[decided[1]]] = True, True
-                    v0 = v0[~(decided[0] | decided[1])]
-                    sub = restrict(sub, *decided)
+                    sub, keep, prune, v0 = _fix(sub, keep, prune, v0, *decided)
             m, kk = sub.size, sub.n_keep
             if kk == 0 or kk == m:
                 # a leaf: the support is determined
@@ -329,15 +326,20 @@ class _Search:
                 break
             if fix_in.sum() > kk or (m - fix_out.sum()) < kk:
                 return []  # no completion of this node beats the incumbent
-            keep = keep.copy()
-            prune = prune.copy()
-            keep[sub.index[fix_in]] = True
-            prune[sub.index[fix_out]] = True
-            v0 = res.v[~(fix_in | fix_out)]
-            sub = restrict(sub, fix_in, fix_out)
+            sub, keep, prune, v0 = _fix(sub, keep, prune, res.v, fix_in, fix_out)
             rounds += 1
         self.counter += 1
         return [_Node(bound, self.counter, keep, prune, res.v, res.z, res.scores, depth)]
+
+
+def _fix(sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray, v: np.ndarray, fix_in: np.ndarray,
+         fix_out: np.ndarray) -> tuple[DenseSubproblem, np.ndarray, np.ndarray, np.ndarray]:
+    """Fix the free coordinates ``fix_in`` in and ``fix_out`` out (local masks): the reduced subproblem, the
+    node's new (keep, prune) masks (copies) and the iterate ``v`` on the coordinates left free."""
+    keep, prune = keep.copy(), prune.copy()
+    keep[sub.index[fix_in]] = True
+    prune[sub.index[fix_out]] = True
+    return restrict(sub, fix_in, fix_out), keep, prune, v[~(fix_in | fix_out)]
 
 
 def _jsonable(info: dict) -> dict:

@@ -99,7 +99,7 @@ def hessian_inverse(problem: BlockProblem, chunk_bytes: int = DEFAULT_CHUNK_BYTE
     Rows of one layer (:meth:`~formulations.problem.BlockProblem.with_weights`) share one read-only H⁻¹,
     computed for the first row (callers that modify it copy it); a lone block computes its own each call,
     so no n×n matrix outlives the solve that needed it."""
-    if problem._shared is not None:
+    if problem.shares_rows:
         return problem.derived("hessian_inverse", lambda p: spd_inverse(hessian_matrix(p, chunk_bytes)), shared=True)
     return spd_inverse(hessian_matrix(problem, chunk_bytes))
 
