@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from formulations.allocation import allocate_global, allocate_uniform, n_keep_for
-from formulations.patterns import pattern_keep, top_per_group
+from formulations.patterns import pattern_keep
 from formulations.objective import UpdateMemo
 from formulations.problem import BlockProblem
 
@@ -36,7 +36,7 @@ from .options import SolveOptions
 from .progress import get_logger
 from .result import SolveResult, Status, Termination
 from .solve import check_result
-from .solvers.base import SubsetSolver, top_k_support
+from .solvers.base import SubsetSolver, top_support
 from .sources import Samples
 from .update import batched_update
 from . import variants
@@ -233,7 +233,7 @@ def _magnitude_stage(run: Run, stage: int, target: float, alive: dict[str, torch
     updated = {n: values[n].reshape(-1).clone() for n in run.names}
     records, results = [], []
     for b, w, score, k in zip(blocks, weights, live, ks):
-        support = top_k_support(score, k) if config.pattern is None else top_per_group(score, config.pattern)
+        support = top_support(score, k, config.pattern)
         keep = torch.from_numpy(support)
         b.scatter(new_alive, keep)
         b.scatter(updated, torch.from_numpy(np.where(support, w, 0.0)))

@@ -28,7 +28,7 @@ from ..errors import SolverUnavailableError
 from ..options import SolveOptions
 from ..result import SolveResult
 
-__all__ = ["Capabilities", "SubsetSolver", "top_k_support", "select_top", "spd_inverse"]
+__all__ = ["Capabilities", "SubsetSolver", "top_k_support", "select_top", "top_support", "spd_inverse"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,16 @@ def top_k_support(scores: np.ndarray, k: int) -> np.ndarray:
 def select_top(problem: BlockProblem, scores: np.ndarray) -> np.ndarray:
     """Boolean support (n,) keeping the largest ``scores``: the ``n_keep`` largest overall, or under an N:M
     pattern the N largest of every group of M (ties: lower index)."""
-    if problem.pattern is not None:
+    return top_support(scores, problem.n_keep, problem.pattern)
+
+
+def top_support(scores: np.ndarray, k: int, pattern: tuple[int, int] | None) -> np.ndarray:
+    """:func:`select_top` without a problem: the ``k`` largest, or the N largest of every group of M."""
+    if pattern is not None:
         from formulations.patterns import top_per_group
 
-        return top_per_group(scores, problem.pattern)
-    return top_k_support(scores, problem.n_keep)
+        return top_per_group(scores, pattern)
+    return top_k_support(scores, k)
 
 
 def _symmetrize_lower(A: np.ndarray) -> np.ndarray:

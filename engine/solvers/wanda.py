@@ -24,7 +24,8 @@ __all__ = ["WandaSolver", "wanda_scores"]
 
 def wanda_scores(problem: BlockProblem) -> np.ndarray:
     """|w_i| · √F_ii, shape (n,), float64 (F without the damping, as Wanda uses the raw activations)."""
-    return np.abs(problem.weights) * np.sqrt(np.clip(problem.fisher_diagonal(), 0.0, None))
+    diag = problem.derived("fisher_diagonal", lambda p: p.fisher_diagonal(), shared=True)  # once per layer
+    return np.abs(problem.weights) * np.sqrt(np.clip(diag, 0.0, None))
 
 
 class WandaSolver(SubsetSolver):
