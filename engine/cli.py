@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty --out that is not a previous demo's (a previous demo's is replaced)")
 
-    from .settings import JOB_OPTIONS, PRUNE_OPTIONS, add_flags
+    from .settings import JOB_OPTIONS, PRUNE_OPTIONS, add_flags, option
 
     pr = sub.add_parser("prune", help="one-shot pruning of a model: the zoo's or your own (FILE.py:FUNC, hf:DIR, timm:NAME)",
                         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=34, width=110),
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--solver", default=None, help=f"solver name: {', '.join(solver_names())} (default: exact where "
                     "it is fast, brute_force for tiny blocks, bnb above, else swap with its certificate)")
     so.add_argument("--time-limit", type=POSITIVE, default=None, help="seconds")
+    add_flags(so, (option("certify_time"),))  # the one definition, shared with cbs prune
     so.add_argument("--seed", type=NONNEG_INT, default=0)
     so.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="solver parameter (repeatable)")
     so.add_argument("--json", action="store_true", help="write the result as JSON to stdout")
@@ -309,7 +310,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         solver = get_solver(name, **params)
     except InvalidOptionError as exc:  # the user typed --solver: say so, not the API's 'method'
         raise InvalidOptionError(str(exc).replace("The 'method' argument", "The '--solver' argument")) from None
-    result = solve_block(problem, solver, SolveOptions(time_limit=args.time_limit, seed=args.seed))
+    result = solve_block(problem, solver, SolveOptions(time_limit=args.time_limit, seed=args.seed,
+                                                       certify_time=args.certify_time))
     summary = {**result.summary(), "support": result.kept.tolist(), "problem": str(args.problem),
                "n": problem.n, "k": problem.n_keep, "N": problem.n_samples, "lam": problem.damping}
     if args.json:

@@ -20,6 +20,7 @@ of the layer's outputs on the calibration set (undamped).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from formulations.problem import BlockProblem, eigen_factor
 from formulations.sparsegpt import sparsegpt
 
 from .calibration import check_unfoldable, layer_hessian, layer_hessians
+from .certificate import tighten_bound
 from .errors import invalid_option
 from .options import SolveOptions
 from .solvers.registry import get_solver
@@ -86,12 +88,13 @@ def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
     return float(np.einsum("oi,ij,oj->", D, H, D))
 
 
-def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray,
-                time_limit: float | None) -> tuple[list[np.ndarray], list[float | None], list[Any]]:
+def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray, time_limit: float | None,
+                certify_time: float | None = None) -> tuple[list[np.ndarray], list[float | None], list[Any]]:
     """Every row of a layer by ``solver``, each answer checked like ``solve_block``'s (size, pattern,
     claims, bound; :func:`engine.solve.check_result`), its E(S) re-scored by one batched refit for all rows
     (:func:`engine.update.shared_factor_update`, equal to ``optimal_update``) and certified by the dual
-    bound at its residual. Returns (supports, bounds, refit updates)."""
+    bound at its residual, tightened within ``certify_time`` (:mod:`engine.certificate`). Returns (supports,
+    bounds, refit updates)."""
     from .solve import call_solver, check_result, note_overshoot
 
     results = []
@@ -105,8 +108,10 @@ def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray,
         supports = None  # a malformed support: check_result below names it
     updates = shared_factor_update(problems, supports, H) if supports is not None else [None] * len(problems)
     for p, r, u in zip(problems, results, updates):
+        if u is not None:
+            r.weights = u.weights
         check_result(p, r, solver, objective=None if u is None else u.objective,
-                     residual=None if u is None else u.residual)
+                     residual=None if u is None else u.residual, certify_time=certify_time)
     return [r.support for r in results], [r.bound for r in results], updates
 
 
@@ -209,7 +214,7 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
                     solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
                     allocation: str = "uniform", row_budgets: dict[str, Sequence[int]] | None = None,
-                    on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
+                    certify_time: float | None = None, on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
                                                                                      list[LayerRecord]]:
     """Prune ``names`` (weight parameter names) of ``model`` in place, layer by layer; returns (kept masks by
     parameter name, one :class:`LayerRecord` per layer). ``calibration``: a re-iterable of input batches (or
@@ -223,12 +228,15 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     over their relative error curves (:func:`global_row_budgets`), so layers get different sparsities.
     SparseGPT picks its own per-row counts.
     ``row_budgets`` (by parameter name, one k per row, e.g. from a budget across layers) replaces the
-    allocation for the layers it names (unstructured, per-row solvers only)."""
+    allocation for the layers it names (unstructured, per-row solvers only). ``certify_time``: the budget of
+    each row's certificate (``SolveOptions.certify_time``; :mod:`engine.certificate`)."""
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
     if not 0 < rel_damping < 1e3:
         raise invalid_option("rel_damping", where, "a number in (0, 1000)", rel_damping)
+    if certify_time is not None and not (isinstance(certify_time, (int, float)) and 0 <= certify_time < math.inf):
+        raise invalid_option("certify_time", where, "None or a finite number >= 0", certify_time)
     batches = list(calibration)
     if not batches:
         raise invalid_option("calibration", where, "at least one batch of calibration inputs", "none")
@@ -265,15 +273,18 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         method_error = None
         if solver is None:
             Hd = H + lam * np.eye(d_in)
+            t_own = time.perf_counter()
             own, kept = sparsegpt(W, Hd, sparsity if sparsity is not None else 0.5, pattern, block=block)
+            per_row = (time.perf_counter() - t_own) / max(d_out, 1)
             method_error = reconstruction_error(W, own, H)
             problems = [p if pattern is not None else p.with_n_keep(int(kept[i].sum())) for i, p in enumerate(base)]
             supports = list(kept)
             updates = shared_factor_update(problems, supports, H)
-            bounds = [obj.dual_bound(p, alpha=u.residual) for p, u in zip(problems, updates)]
+            bounds = [tighten_bound(p, S, u.objective, u.residual, u.weights, certify_time, per_row).bound
+                      for p, S, u in zip(problems, supports, updates)]
         else:
             problems = base
-            supports, bounds, updates = _solve_rows(problems, solver, H, time_limit)
+            supports, bounds, updates = _solve_rows(problems, solver, H, time_limit, certify_time)
         if refit:
             V = np.stack([u.weights for u in updates])
             values = [u.objective for u in updates]

@@ -33,6 +33,10 @@ class SolveOptions:
         ``engine.update.batched_update(..., memos=[memo])``) reuses the solve of the final support instead
         of repeating it. None: nothing is remembered (``solve_block`` then makes a fresh one per call).
         Never share one memo between different blocks.
+    certify_time : the budget for tightening the certificate of an answer (:mod:`engine.certificate`): None
+        (default) = 5 % of the solve's time, at least a few relaxation iterations; 0 = the dual bound at
+        the answer's residual only; T > 0 = T seconds (relaxation, then branch and bound on blocks of at
+        most 512 weights).
     """
 
     time_limit: float | None = None
@@ -41,6 +45,7 @@ class SolveOptions:
     evaluate: Callable[[np.ndarray], float] | None = None
     certify: bool = True
     memo: UpdateMemo | None = None
+    certify_time: float | None = None
 
     def __post_init__(self) -> None:
         if self.time_limit is not None and not (
@@ -49,5 +54,9 @@ class SolveOptions:
             raise invalid_option("time_limit", "SolveOptions", "None or a finite number > 0", repr(self.time_limit))
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise invalid_option("seed", "SolveOptions", "an integer >= 0", repr(self.seed))
+        if self.certify_time is not None:
+            from .settings import option
+
+            object.__setattr__(self, "certify_time", option("certify_time").check(self.certify_time, "SolveOptions"))
         if self.memo is not None and not isinstance(self.memo, UpdateMemo):
             raise invalid_option("memo", "SolveOptions", "None or a formulations.objective.UpdateMemo", repr(self.memo))

@@ -50,7 +50,7 @@ def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, con
         model, names, calibration, sparsity=None if config.pattern is not None else config.sparsity,
         pattern=config.pattern, method=config.method,
         sequential=config.sequential, time_limit=config.time_limit, solver_params=config.solver_params or None,
-        refit=config.applies_update, allocation=config.allocation)
+        refit=config.applies_update, allocation=config.allocation, certify_time=config.certify_time)
     blocks = [BlockRecord(label=r.name, n=r.d_out * r.d_in, k=r.kept, objective=r.objective, bound=r.bound,
                           gap=r.gap, status="optimal" if r.rows_proven == 1.0 else "feasible",
                           termination="completed", solve_seconds=r.seconds,

@@ -55,6 +55,7 @@ from formulations import objective as obj
 from formulations.patterns import pattern_violation
 from formulations.problem import BlockProblem
 
+from .certificate import tighten_bound
 from .errors import CBSError, InvalidOptionError, SolverError, describe_value, one_line
 from .options import SolveOptions
 from .progress import get_logger
@@ -195,6 +196,7 @@ def check_result(
     residual: np.ndarray | None = None,
     certify: bool = True,
     memo: obj.UpdateMemo | None = None,
+    certify_time: float | None = None,
 ) -> SolveResult:
     """Check and complete a solver's answer in place; returns it.
 
@@ -205,7 +207,9 @@ def check_result(
     - ``Status.OPTIMAL`` only from exact solvers;
     - an ``optimal`` claim or a bound refuted by a better support is a :class:`SolverAnswerError`
       (module docstring: what is searched, and what is skipped);
-    - with ``certify``: bound = max(solver bound, dual bound at the support's residual); gap filled.
+    - with ``certify``: bound = max(solver bound, dual bound at the support's residual, and, for an answer
+      not already certified by an exact solver's own bound, the tightened certificate of
+      :mod:`engine.certificate` within ``certify_time``); gap filled.
 
     ``memo``: the block's :class:`~formulations.objective.UpdateMemo`; a re-score finds there the solve
     the solver already made of its final support.
@@ -265,6 +269,15 @@ def check_result(
         _refute(problem, support, claim, name, what)
     if certify:
         result.bound = lb if result.bound is None or not math.isfinite(result.bound) else max(result.bound, lb)
+        own_bound = solver.capabilities.exact and claim is not None
+        if not own_bound and "certificate_from" not in result.extra and result.status != Status.OPTIMAL:
+            cert = tighten_bound(problem, support, objective, residual, result.weights, certify_time,
+                                 result.wall_time)
+            result.bound = max(result.bound, cert.bound)
+            result.extra.update({"certificate_from": cert.source, "certificate_seconds": cert.seconds,
+                                 "residual_bound": cert.residual_bound})
+            if cert.better_objective is not None:
+                result.extra["better_objective"] = cert.better_objective
         result.bound = min(result.bound, objective)  # rounding can put it a hair above
     result.gap = obj.relative_gap(result.objective, result.bound)
     if not result.solver:
@@ -416,7 +429,8 @@ def solve_block(
         warm_start = obj.as_support(problem, warm_start)
     result = call_solver(inst, problem, options, warm_start)
     note_overshoot(inst, problem, result)
-    result = check_result(problem, result, inst, certify=options.certify, memo=options.memo)
+    result = check_result(problem, result, inst, certify=options.certify, memo=options.memo,
+                          certify_time=options.certify_time)
     if cap.exact and result.status != Status.OPTIMAL and result.termination in (
         Termination.TIME_LIMIT,
         Termination.ITERATION_LIMIT,

@@ -129,7 +129,7 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
     options = [
         SolveOptions(time_limit=config.time_limit, seed=config.seed, progress=bool(show) and len(blocks) == 1,
                      evaluate=BlockLoss(model, b, pos, prefix, problem=p if config.evaluate_update else None),
-                     certify=config.certifies, memo=memo)
+                     certify=config.certifies, memo=memo, certify_time=config.certify_time)
         for b, p, pos, memo in zip(blocks, problems, positions, memos)
     ]
     results = solve_blocks(run.solver, problems, options, config.workers, f"select ({run.solver.name}){tag}", show)
@@ -158,8 +158,9 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
     update_seconds = time.perf_counter() - t2
     records = []
     for b, p, r, u in zip(blocks, problems, results, updates):
-        check_result(p, r, run.solver, objective=u.objective, residual=u.residual, certify=config.certifies)
         r.weights = u.weights
+        check_result(p, r, run.solver, objective=u.objective, residual=u.residual, certify=config.certifies,
+                     certify_time=config.certify_time)
         records.append(BlockRecord(
             label=b.label, n=p.n, k=p.n_keep, objective=r.objective, bound=r.bound, gap=r.gap,
             status=r.status.value, termination=r.termination.value, solve_seconds=r.wall_time,

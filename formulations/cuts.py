@@ -54,6 +54,7 @@ instance of the same form on the free coordinates only.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,6 +247,8 @@ def solve_perspective(
     max_iter: int = 300,
     rtol: float = 1e-7,
     check_every: int = 4,
+    deadline: float | None = None,
+    min_iter: int = 0,
 ) -> RelaxationResult:
     """Maximise LB over steps d by FISTA on the primal perspective relaxation (module docstring).
 
@@ -257,6 +260,8 @@ def solve_perspective(
     upper : stop as soon as LB ≥ upper (the node is pruned); also stop once the relaxation's value is
         proven below ``upper`` and the duality gap is under 1 % of (upper − LB) (bound good enough to branch).
     max_iter, rtol : iteration cap; stop when φ − LB ≤ rtol·max(1, |LB|).
+    deadline : a ``time.perf_counter()`` value, checked every ``check_every`` iterations once ``min_iter``
+        iterations are done (None: no limit).
     """
     H, w, b = sub.hessian, sub.weights, sub.linear
     m, k = sub.size, sub.n_keep
@@ -315,6 +320,8 @@ def solve_perspective(
             if gap <= rtol * max(1.0, abs(best)):
                 break
             if math.isfinite(upper) and value < upper and gap <= 0.01 * (upper - best):
+                break
+            if deadline is not None and it >= min_iter and time.perf_counter() > deadline:
                 break
     return RelaxationResult(best, value, x, z, best_scores, best_base, it, pruned)
 
@@ -384,9 +391,9 @@ class DualAscentResult:
 
 
 def _lipschitz_fisher(problem: BlockProblem) -> float:
-    """λ_max(F) (exact SVD for modest sizes, else 30 power iterations inflated by 10 %)."""
+    """λ_max(F) (exact SVD for small factors, else 30 power iterations inflated by 10 %)."""
     X = problem.factor_matrix().astype(np.float64, copy=False)
-    if min(X.shape) <= 1500:
+    if X.shape[0] * X.shape[1] * min(X.shape) <= 2e8:  # an SVD of at most ~0.1 s
         return float(np.linalg.norm(X, 2) ** 2)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(X.shape[1])
@@ -398,7 +405,8 @@ def _lipschitz_fisher(problem: BlockProblem) -> float:
     return 1.1 * est
 
 
-def dual_ascent(problem: BlockProblem, alpha0: np.ndarray | None = None, iters: int = 50) -> DualAscentResult:
+def dual_ascent(problem: BlockProblem, alpha0: np.ndarray | None = None, iters: int = 50,
+                deadline: float | None = None, v0: np.ndarray | None = None, min_iter: int = 0) -> DualAscentResult:
     """Improve the DESIGN's certificate LB(α) = −αᵀy − ½‖α‖² − (k largest c_i(α)) + (λ/2)‖w‖² − gᵀw.
 
     LB is concave in α and its maximum is the Boolean (perspective, split δ = λ) relaxation. Method: FISTA
@@ -407,7 +415,9 @@ def dual_ascent(problem: BlockProblem, alpha0: np.ndarray | None = None, iters: 
     LB at α = X(v − w) each iteration. The best α seen, α₀ included, is returned, so the bound never
     decreases. Cost: two products with X per iteration; no n×n matrix.
 
-    ``alpha0`` default: −y (the all-pruned residual).
+    ``alpha0`` default: −y (the all-pruned residual). ``deadline``: a ``time.perf_counter()`` value after
+    which no further iteration starts once ``min_iter`` are done (None: ``iters`` iterations). ``v0`` (n,): the primal start instead
+    (e.g. a support's optimal update v*(S), whose α₀ = X(v − w) is then its residual).
     """
     X = problem.factor_matrix().astype(np.float64, copy=False)
     w, lam, k = problem.weights, problem.damping, problem.n_keep
@@ -417,10 +427,13 @@ def dual_ascent(problem: BlockProblem, alpha0: np.ndarray | None = None, iters: 
     history = [best]
     if k == 0 or k == problem.n or iters <= 0:
         return DualAscentResult(best_alpha, best, history, 0)
-    c_start = dual_scores(problem, a0)
-    start = np.zeros(problem.n, dtype=bool)
-    start[np.argsort(-c_start, kind="stable")[:k]] = True
-    x = optimal_update(problem, start).weights
+    if v0 is None:
+        c_start = dual_scores(problem, a0)
+        start = np.zeros(problem.n, dtype=bool)
+        start[np.argsort(-c_start, kind="stable")[:k]] = True
+        x = optimal_update(problem, start).weights
+    else:
+        x = np.array(v0, dtype=np.float64)
     y_pt = x.copy()
     theta = 1.0
     step = 1.0 / max(_lipschitz_fisher(problem), lam)
@@ -428,6 +441,9 @@ def dual_ascent(problem: BlockProblem, alpha0: np.ndarray | None = None, iters: 
     p = g - lam * w
     it = 0
     for it in range(1, iters + 1):
+        if deadline is not None and it > min_iter and time.perf_counter() > deadline:
+            it -= 1
+            break
         alpha = X @ (y_pt - w)
         u = X.T @ alpha + p
         lb = dual_bound(problem, alpha=alpha)

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.calibration import layer_hessians  # noqa: E402
+from engine.certificate import tighten_bound  # noqa: E402
 from engine.hub import is_transposed_linear  # noqa: E402
 from engine.layerwise import layer_damping, layer_rows  # noqa: E402
 from engine.options import SolveOptions  # noqa: E402
@@ -83,16 +84,15 @@ def _study(layer, W, H, text, args, rows_path):
     own = sparsegpt(W, H + lam * np.eye(n), 0.5, pattern, block=128)[1] if pattern is not None else None
     methods = HEURISTICS["pattern" if pattern else "unstructured"]
     stats: dict[str, list] = {m: [] for m in methods}
-    template = BlockProblem(W[0], k, lam, factor=eigen_factor(H), pattern=pattern)
     proven, seconds, exact_gaps = 0, [], []
     chosen = _rows(W, args.rows)
-    for i in chosen:
-        p = template.with_weights(W[i], f"{layer}[{i}]")
+    for i, p in zip(chosen, _row_problems(layer, W, H, text, args.rows)):
         results = {}
         for method in methods:
             if method == "sparsegpt":
-                e = obj.optimal_update(p, own[i]).objective
-                results[method] = (e, obj.relative_gap(e, obj.dual_bound(p, support=own[i])), own[i])
+                sol = obj.optimal_update(p, own[i])
+                cert = tighten_bound(p, own[i], sol.objective, sol.residual, sol.weights, None)  # the default budget
+                results[method] = (sol.objective, obj.relative_gap(sol.objective, cert.bound), own[i])
             else:
                 r = solve_block(p, method)
                 results[method] = (r.objective, r.gap, r.support)
@@ -124,6 +124,24 @@ def _study(layer, W, H, text, args, rows_path):
         line[method] = (float(np.mean(gaps)), float(np.max(gaps)), float(np.mean(gaps <= 1e-9)),
                         float(np.median(certs)) if certs else None)
     return line, {m: [v[0] for v in vals] for m, vals in stats.items()}
+
+
+def _row_problems(layer: str, W: np.ndarray, H: np.ndarray, text: str, count: int | None) -> list[BlockProblem]:
+    """The chosen rows of a layer as problems sharing H (λ = 0.01 · mean diag H; k = n/2 or the pattern's)."""
+    n = W.shape[1]
+    pattern = parse_pattern(text)
+    k = n // 2 if pattern is None else pattern_keep(n, pattern)
+    template = BlockProblem(W[0], k, layer_damping(H), factor=eigen_factor(H), pattern=pattern)
+    return [template.with_weights(W[i], f"{layer}[{i}]") for i in _rows(W, count)]
+
+
+def _export(layer: str, W: np.ndarray, H: np.ndarray, text: str, args) -> None:
+    from engine.problem_io import save_problem
+
+    folder = args.export / f"{layer.replace('.', '_')}_{text.replace(':', '-')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in _row_problems(layer, W, H, text, args.rows):
+        save_problem(folder / f"row{p.label.rsplit('[', 1)[1].rstrip(']')}.npz", p)
 
 
 def _plot(model: str, out: Path, layer: str, text: str, excess: dict, line: dict) -> None:
@@ -163,6 +181,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "layerwise_exact")
     parser.add_argument("--plots-only", action="store_true", help="redraw the plots from <out>/<model>/rows.jsonl")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="only write the chosen rows as `cbs solve` problems (.npz, k = n/2 or the pattern's) to "
+                             "DIR/<layer>_<pattern>/ and stop (e.g. for scripts/certificate_study.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out / args.model
@@ -181,11 +202,18 @@ def main() -> int:
     for layer in layers:
         H = grams[layer].hessian
         W = layer_rows(modules[layer], is_transposed_linear(modules[layer])).double().numpy()
+        if args.export is not None:
+            for text in args.patterns:
+                _export(layer, W, H, text, args)
+            continue
         for text in args.patterns:
             line, excess = _study(layer, W, H, text, args, rows_path)
             summary.append(line)
             print(line, file=sys.stderr)
             _plot(args.model, out, layer, text, excess, line)
+    if args.export is not None:
+        print(f"wrote the rows to {args.export}", file=sys.stderr)
+        return 0
     md = [f"Rows of {args.model} under the reconstruction objective (calibration: {count} training inputs, seed 0; "
           "λ = 0.01 · mean diag H). Per method: mean / max of (E − E*)/E* over the rows, E* the best support the "
           "exact solver found (proven optimal on the rows counted), the share of rows at E*, and the median "
