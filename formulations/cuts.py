@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .ksupport import k_support_squared, prox_k_support
+from .ksupport import k_support_squared, prox_k_support, prox_k_support_warm
 from .objective import dual_bound, dual_scores, optimal_update
 from .problem import BlockProblem
 
@@ -278,6 +278,7 @@ def solve_perspective(
     value = math.inf
     z = np.zeros(m)
     pruned = False
+    mu = None
     it = 0
     for it in range(1, max_iter + 1):
         d = y - w
@@ -291,7 +292,7 @@ def solve_perspective(
         if best >= upper:
             pruned = True
             break
-        x_new, z = prox_k_support(y - step * u, k, gamma)
+        x_new, z, mu = prox_k_support_warm(y - step * u, k, gamma, mu)  # μ moves little between steps
         # adaptive restart (O'Donoghue & Candès): drop the momentum when it points uphill
         if float((y - x_new) @ (x_new - x)) > 0.0:
             theta = 1.0

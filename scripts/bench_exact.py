@@ -2,13 +2,17 @@
 
     python scripts/bench_exact.py --solvers bnb highs --sizes 10 15 20 25 30 35 40 50 60 70 80 \
         --seeds 3 --time-limit 60 --out results/bench_exact
+    python scripts/bench_exact.py --regime N=n --solvers bnb gurobi --sizes 30 40 50 60 80 --out results/bench_exact_Nn
 
-Instances (the issue's hard regime): k = n/2, N = 2n, X Gaussian/√N, w Gaussian, λ = 1e-2, g = 0, one
+Instances: k = n/2, N = 2n (``--regime N=2n``, the default) or N = n (``--regime N=n``: F = XᵀX is square
+and nearly singular, λ_min(H) ≈ λ, the harder regime), X Gaussian/√N, w Gaussian, λ = 1e-2, g = 0, one
 per (n, seed). Each solver runs on growing n until, at some n, no seed is proven within the time limit
 (``--keep-going`` runs every size). Writes ``OUT/records.jsonl`` (one line per run: solver, n, seed,
 proven, time, gap, objective, bound, iterations, the environment; appended as runs end, and runs already
 recorded are skipped, so an interrupted benchmark resumes) and ``OUT/time_vs_n.png``, and prints where.
-Solver names: bnb, highs, cvxpy (SCIP), pyomo (SCIP), gurobi (cvxpy + Gurobi, if installed).
+Solver names: bnb, highs, cvxpy (SCIP), pyomo (SCIP), gurobi (cvxpy + Gurobi on one thread, dense MIQP, if
+the ``gurobi`` extra is installed; its pip licence refuses quadratic models of more than 200 variables, so
+n ≤ 100 here).
 """
 
 from __future__ import annotations
@@ -36,14 +40,20 @@ SOLVERS = {
     "highs": ("engine.solvers.highs", "HighsSolver", {}),
     "cvxpy": ("engine.solvers.cvxpy_backend", "CvxpySolver", {"solver": "SCIP"}),
     "pyomo": ("engine.solvers.pyomo_backend", "PyomoSolver", {"solver_name": "scip"}),
-    "gurobi": ("engine.solvers.cvxpy_backend", "CvxpySolver", {"solver": "GUROBI"}),
+    # the dense MIQP (2n variables): Gurobi's pip licence refuses quadratic models above 200 variables, and the
+    # low-rank form (2n + N) passes that already at n = 67 when N = n
+    "gurobi": ("engine.solvers.cvxpy_backend", "CvxpySolver", {"solver": "GUROBI", "threads": 1, "low_rank": False}),
 }
 
 
-def instance(n: int, seed: int, damping: float = 1e-2) -> BlockProblem:
-    """k = n/2, N = 2n, X ~ N(0, 1)/√N, w ~ N(0, 1) (seeded by (n, seed))."""
+REGIMES = {"N=2n": 2, "N=n": 1}
+
+
+def instance(n: int, seed: int, damping: float = 1e-2, regime: str = "N=2n") -> BlockProblem:
+    """k = n/2, N = 2n or n (``regime``), X ~ N(0, 1)/√N, w ~ N(0, 1) (seeded by (n, seed); the N = 2n
+    instances are those of earlier runs)."""
     rng = np.random.default_rng([n, seed])
-    N = 2 * n
+    N = REGIMES[regime] * n
     X = rng.standard_normal((N, n)) / math.sqrt(N)
     return BlockProblem(rng.standard_normal(n), n // 2, damping, factor=X, label=f"gauss-n{n}-s{seed}")
 
@@ -63,11 +73,11 @@ def _done(path: Path) -> set[tuple]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done.add((r["solver"], r["n"], r["seed"], r["time_limit"]))
+            done.add((r["solver"], r.get("regime", "N=2n"), r["n"], r["seed"], r["time_limit"]))
     return done
 
 
-def _plot(records: list[dict], path: Path, time_limit: float) -> None:
+def _plot(records: list[dict], path: Path, time_limit: float, regime: str = "N=2n") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +95,7 @@ def _plot(records: list[dict], path: Path, time_limit: float) -> None:
         ax.scatter([r["n"] for r in failed], [r["time"] for r in failed], s=30, marker="x", color=line.get_color())
     ax.axhline(time_limit, color="grey", ls="--", lw=0.8, label="time limit")
     ax.set_yscale("log")
-    ax.set_xlabel("block size n (k = n/2, N = 2n, λ = 1e-2)")
+    ax.set_xlabel(f"block size n (k = n/2, {regime.replace('N=', 'N = ')}, λ = 1e-2)")
     ax.set_ylabel("seconds to proven optimum (x: not proven)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -104,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="N=2n", help="gradient rows N per weight")
     ap.add_argument("--keep-going", action="store_true", help="run every size even after one fails on all seeds")
     ap.add_argument("--out", type=Path, default=Path("results/bench_exact"))
     args = ap.parse_args(argv)
@@ -123,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
             proven_any = False
             for seed in range(args.seeds):
-                if (solver_name, n, seed, args.time_limit) in done:
+                if (solver_name, args.regime, n, seed, args.time_limit) in done:
                     proven_any = True  # resumed: do not stop on sizes already done
                     continue
-                problem = instance(n, seed, args.damping)
+                problem = instance(n, seed, args.damping, args.regime)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UnprovenOptimalityWarning)
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 proven = res.status == Status.OPTIMAL
                 proven_any |= proven
                 rec = {
-                    "solver": solver_name, "n": n, "k": problem.n_keep, "N": 2 * n, "damping": args.damping,
+                    "solver": solver_name, "regime": args.regime, "n": n, "k": problem.n_keep,
+                    "N": problem.n_samples, "damping": args.damping,
                     "seed": seed, "time_limit": args.time_limit, "proven": proven, "time": elapsed,
                     "gap": res.gap, "objective": res.objective, "bound": res.bound,
                     "termination": res.termination.value, "iterations": res.iterations,
@@ -149,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             if not proven_any and not args.keep_going:
                 break
     records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r["time_limit"] == args.time_limit]
-    _plot(records, args.out / "time_vs_n.png", args.time_limit)
+    records = [r for r in records if r["time_limit"] == args.time_limit and r.get("regime", "N=2n") == args.regime]
+    _plot(records, args.out / "time_vs_n.png", args.time_limit, args.regime)
     summary = {}
     for solver_name in dict.fromkeys(r["solver"] for r in records):
         ok = [r["n"] for r in records if r["solver"] == solver_name and r["proven"]]

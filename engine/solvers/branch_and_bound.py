@@ -48,13 +48,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from formulations.cuts import (
-    DenseSubproblem,
-    dense_subproblem,
-    perspective_shift,
-    restrict,
-    solve_perspective,
-)
+from formulations.batch_relax import solve_perspective_batch
+from formulations.cuts import DenseSubproblem, dense_subproblem, perspective_shift, restrict
 from formulations.objective import optimal_update, relative_gap
 from formulations.patterns import node_groups, propagate, top_within, within_thresholds
 from formulations.problem import BlockProblem
@@ -93,6 +88,7 @@ class BranchAndBoundSolver(SubsetSolver):
     fixing_rounds : rounds of reduced-cost fixing per node (default 3; 0 disables).
     relaxation_iters : FISTA iterations per node bound (default 200).
     polish_passes : swap local-search passes applied to each new incumbent found in the tree (default 3).
+    batch : open nodes branched together, their children's relaxations solved in one batch (default 16).
     """
 
     name = "bnb"
@@ -114,6 +110,7 @@ class BranchAndBoundSolver(SubsetSolver):
         fixing_rounds: int = 3,
         relaxation_iters: int = 200,
         polish_passes: int = 3,
+        batch: int = 16,
     ) -> None:
         for nm, val in (("rel_gap", rel_gap), ("abs_gap", abs_gap)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 <= val < 1):
@@ -124,6 +121,7 @@ class BranchAndBoundSolver(SubsetSolver):
             ("fixing_rounds", fixing_rounds, 0),
             ("relaxation_iters", relaxation_iters, 1),
             ("polish_passes", polish_passes, 0),
+            ("batch", batch, 1),
         ):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise invalid_option(nm, "BranchAndBoundSolver()", f"an integer >= {lo}", repr(val))
@@ -133,6 +131,7 @@ class BranchAndBoundSolver(SubsetSolver):
         self.fixing_rounds = fixing_rounds
         self.relaxation_iters = relaxation_iters
         self.polish_passes = polish_passes
+        self.batch = batch
 
     # ------------------------------------------------------------------------------------------ solve
     def solve(
@@ -157,7 +156,7 @@ class BranchAndBoundSolver(SubsetSolver):
         if 0 < k < n:
             none = np.zeros(n, dtype=bool)
             x0 = optimal_update(problem, best_S, options.memo).weights
-            for child in search.evaluate(root, none, none.copy(), x0, 0):
+            for child in search.evaluate_many([(root, none, none.copy(), x0, 0)]):
                 heapq.heappush(heap, child)
             nodes = 1
             root_bound = heap[0].bound if heap else search.best_value
@@ -171,25 +170,30 @@ class BranchAndBoundSolver(SubsetSolver):
             if self.max_nodes is not None and nodes >= self.max_nodes:
                 termination = Termination.ITERATION_LIMIT
                 break
-            node = heapq.heappop(heap)
-            sub = restrict(root, node.keep, node.prune)
-            j = self._branch_index(node)
-            gj = int(sub.index[j])
-            v0 = np.delete(node.v, j)
-            for fix_in in (True, False):
-                keep, prune = node.keep.copy(), node.prune.copy()
+            # the best few open nodes are branched together: their children's relaxations share every numpy
+            # call (formulations.batch_relax), the one way to take the interpreter out of small nodes' cost
+            jobs = []
+            while heap and len(jobs) < 2 * self.batch and heap[0].bound < search.threshold():
+                node = heapq.heappop(heap)
+                sub = restrict(root, node.keep, node.prune)
+                j = self._branch_index(node)
+                gj = int(sub.index[j])
+                v0 = np.delete(node.v, j)
                 local = np.zeros(sub.size, dtype=bool)
                 local[j] = True
                 none_local = np.zeros(sub.size, dtype=bool)
-                if fix_in:
-                    keep[gj] = True
-                    child = restrict(sub, local, none_local)
-                else:
-                    prune[gj] = True
-                    child = restrict(sub, none_local, local)
-                nodes += 1
-                for item in search.evaluate(child, keep, prune, v0, node.depth + 1):
-                    heapq.heappush(heap, item)
+                for fix_in in (True, False):
+                    keep, prune = node.keep.copy(), node.prune.copy()
+                    if fix_in:
+                        keep[gj] = True
+                        child = restrict(sub, local, none_local)
+                    else:
+                        prune[gj] = True
+                        child = restrict(sub, none_local, local)
+                    jobs.append((child, keep, prune, v0, node.depth + 1))
+            nodes += len(jobs)
+            for item in search.evaluate_many(jobs):
+                heapq.heappush(heap, item)
         best_S, best_val = search.best_support, search.best_value
         # the global bound: the lowest open node (none open: the incumbent is proven)
         global_bound = min(heap[0].bound, best_val) if heap else best_val
@@ -273,63 +277,82 @@ class _Search:
             self.best_support, self.best_value = S, value
             self.improvements += 1
 
-    def evaluate(
-        self, sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray, v0: np.ndarray, depth: int
-    ) -> list[_Node]:
-        """Bound a node (with reduced-cost fixing); return [] when pruned or solved, else [node]."""
-        rounds = 0
-        while True:
-            if self.pattern is not None:
-                decided = propagate(keep, sub.index, self.pattern)
-                if decided is None:
-                    return []  # no N:M completion
-                if decided[0].any() or decided[1].any():
-                    sub, keep, prune, v0 = _fix(sub, keep, prune, v0, *decided)
-            m, kk = sub.size, sub.n_keep
-            if kk == 0 or kk == m:
-                # a leaf: the support is determined
-                S = keep.copy()
-                if kk == m:
-                    S[sub.index] = True
-                self.offer(S)
-                return []
-            delta, lip = perspective_shift(sub.hessian, self.damping)
-            res = solve_perspective(
-                sub, delta, lip, v0=v0, upper=self.threshold(), max_iter=self.solver.relaxation_iters
-            )
-            # rounding: fixed-in plus the k' free coordinates with the largest z (then |v|), per group
-            order = np.lexsort((-np.abs(res.v), -res.z))
-            c, bound = res.scores, res.bound
+    def _prepare(self, sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray, v0: np.ndarray, depth: int,
+                 rounds: int = 0) -> list | None:
+        """Pattern propagation and leaves; None when the node is closed here (a leaf is offered), else the
+        job [sub, keep, prune, v0, depth, rounds, δ, λ_max(H − δI)] whose relaxation is to be solved."""
+        if self.pattern is not None:
+            decided = propagate(keep, sub.index, self.pattern)
+            if decided is None:
+                return None  # no N:M completion
+            if decided[0].any() or decided[1].any():
+                sub, keep, prune, v0 = _fix(sub, keep, prune, v0, *decided)
+        m, kk = sub.size, sub.n_keep
+        if kk == 0 or kk == m:
+            # a leaf: the support is determined
             S = keep.copy()
-            if self.pattern is None:
-                S[sub.index[order[:kk]]] = True
-                srt = np.sort(c)[::-1]
-                ck, ck1 = srt[kk - 1], srt[kk]
-                top = np.zeros(m, dtype=bool)
-                top[np.argsort(-c, kind="stable")[:kk]] = True
-            else:
-                groups, need = node_groups(keep, sub.index, self.pattern)
-                rank = np.empty(m)
-                rank[order] = -np.arange(m, dtype=np.float64)
-                S[sub.index[top_within(rank, groups, need)]] = True
-                top, ck, ck1 = within_thresholds(c, groups, need)
-                bound = max(bound, res.base - float(c[top].sum()))  # the group bound at the same dual point
+            if kk == m:
+                S[sub.index] = True
             self.offer(S)
-            thr = self.threshold()
-            if bound >= thr:
-                return []
-            if rounds >= self.solver.fixing_rounds:
-                break
+            return None
+        delta, lip = perspective_shift(sub.hessian, self.damping)
+        return [sub, keep, prune, v0, depth, rounds, delta, lip]
+
+    def _finish(self, job: list, res) -> "_Node | list | None":
+        """After a node's relaxation: round and offer its support, then prune it (None), fix variables by
+        reduced costs and ask for another relaxation (a new job), or return the open node."""
+        sub, keep, prune, _, depth, rounds = job[:6]
+        m, kk = sub.size, sub.n_keep
+        # rounding: fixed-in plus the k' free coordinates with the largest z (then |v|), per group
+        order = np.lexsort((-np.abs(res.v), -res.z))
+        c, bound = res.scores, res.bound
+        S = keep.copy()
+        if self.pattern is None:
+            S[sub.index[order[:kk]]] = True
+            srt = np.sort(c)[::-1]
+            ck, ck1 = srt[kk - 1], srt[kk]
+            top = np.zeros(m, dtype=bool)
+            top[np.argsort(-c, kind="stable")[:kk]] = True
+        else:
+            groups, need = node_groups(keep, sub.index, self.pattern)
+            rank = np.empty(m)
+            rank[order] = -np.arange(m, dtype=np.float64)
+            S[sub.index[top_within(rank, groups, need)]] = True
+            top, ck, ck1 = within_thresholds(c, groups, need)
+            bound = max(bound, res.base - float(c[top].sum()))  # the group bound at the same dual point
+        self.offer(S)
+        thr = self.threshold()
+        if bound >= thr:
+            return None
+        if rounds < self.solver.fixing_rounds:
             fix_out = (~top) & (bound + ck - c >= thr)
             fix_in = top & (bound + c - ck1 >= thr)
-            if not (fix_out.any() or fix_in.any()):
-                break
-            if fix_in.sum() > kk or (m - fix_out.sum()) < kk:
-                return []  # no completion of this node beats the incumbent
-            sub, keep, prune, v0 = _fix(sub, keep, prune, res.v, fix_in, fix_out)
-            rounds += 1
+            if fix_out.any() or fix_in.any():
+                if fix_in.sum() > kk or (m - fix_out.sum()) < kk:
+                    return None  # no completion of this node beats the incumbent
+                sub, keep, prune, v0 = _fix(sub, keep, prune, res.v, fix_in, fix_out)
+                return self._prepare(sub, keep, prune, v0, depth, rounds + 1) or None
         self.counter += 1
-        return [_Node(bound, self.counter, keep, prune, res.v, res.z, res.scores, depth)]
+        return _Node(bound, self.counter, keep, prune, res.v, res.z, res.scores, depth)
+
+    def evaluate_many(self, jobs: list[tuple]) -> list[_Node]:
+        """Bound nodes (sub, keep, prune, v0, depth) with reduced-cost fixing, their relaxations solved
+        together (``solve_perspective_batch``); returns the nodes left open."""
+        pending = [j for j in (self._prepare(*job) for job in jobs) if j is not None]
+        out: list[_Node] = []
+        while pending:
+            results = solve_perspective_batch([j[0] for j in pending], [j[6] for j in pending],
+                                              [j[7] for j in pending], [j[3] for j in pending],
+                                              upper=self.threshold(), max_iter=self.solver.relaxation_iters)
+            again = []
+            for job, res in zip(pending, results):
+                done = self._finish(job, res)
+                if isinstance(done, _Node):
+                    out.append(done)
+                elif done is not None:
+                    again.append(done)
+            pending = again
+        return out
 
 
 def _fix(sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray, v: np.ndarray, fix_in: np.ndarray,

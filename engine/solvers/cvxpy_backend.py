@@ -174,6 +174,7 @@ class CvxpySolver(SubsetSolver):
     shift : the relaxation's split: "auto" (λ_min(H)), "damping" (λ) or a number.
     low_rank : MIQP form (None: the one with fewer nonzeros, see ``formulations.canonical``).
     rel_gap : the MIP gap asked of the solver (default 1e-9).
+    threads : Gurobi's thread count (default: Gurobi's own choice, all cores); SCIP solves on one thread.
     """
 
     name = "cvxpy"
@@ -186,6 +187,7 @@ class CvxpySolver(SubsetSolver):
         shift: str | float = "auto",
         low_rank: bool | None = None,
         rel_gap: float = 1e-9,
+        threads: int | None = None,
     ) -> None:
         if solver not in _MIP_SOLVERS:
             raise invalid_option("solver", "CvxpySolver()", f"one of {', '.join(_MIP_SOLVERS)}", repr(solver))
@@ -197,6 +199,9 @@ class CvxpySolver(SubsetSolver):
             raise invalid_option("shift", "CvxpySolver()", "'auto', 'damping' or a number > 0", repr(shift))
         if isinstance(rel_gap, bool) or not isinstance(rel_gap, (int, float)) or not 0 <= rel_gap < 1:
             raise invalid_option("rel_gap", "CvxpySolver()", "a number in [0, 1)", repr(rel_gap))
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise invalid_option("threads", "CvxpySolver()", "None or an integer >= 1", repr(threads))
+        self.threads = threads
         self.solver = solver
         self.relaxation = relaxation
         self.conic_solver = conic_solver
@@ -226,6 +231,8 @@ class CvxpySolver(SubsetSolver):
                 params["limits/time"] = float(time_limit)
             return {"scip_params": params}
         opts: dict[str, Any] = {"MIPGap": self.rel_gap, "OutputFlag": 0}
+        if self.threads is not None:
+            opts["Threads"] = self.threads
         if time_limit is not None:
             opts["TimeLimit"] = float(time_limit)
         return opts
