@@ -28,10 +28,11 @@ only when the budget is not spent and the gap is still open:
 
 The result is max of all of them (never below the residual bound) and never above E(S).
 
-**Budget** (``SolveOptions.certify_time`` / ``--certify-time``): ``None`` (default) spends at most
-``AUTO_FRACTION`` of the solve's own time on step 3, but always at least ``MIN_ITERS`` relaxation
-iterations (a few milliseconds on a block of a few hundred weights): a whole-network run changes by a few
-percent. A number of seconds T > 0 runs step 3 (at most ``RELAX_ITERS`` iterations) and then step 4 until
+**Budget** (``SolveOptions.certify_time`` / ``--certify-time``): ``None`` (default) spends about
+``AUTO_FRACTION`` of the solve's own time on step 3: the relaxation runs when its fixed cost (the
+eigenvalues of H, ``MIN_ITERS`` iterations; :func:`_relaxation_seconds`) fits in that share, and then until
+the share is spent, so a whole-network run changes by a few percent and a millisecond heuristic keeps steps
+1-2. A number of seconds T > 0 runs step 3 (at most ``RELAX_ITERS`` iterations) and then step 4 until
 T is spent. ``0`` keeps the residual bound only (steps 1-2). The seconds spent and the step that gave the
 bound are recorded in the result's ``extra`` (``certificate_seconds``, ``certificate_from``).
 """
@@ -56,8 +57,10 @@ __all__ = ["Certificate", "tighten_bound", "DENSE_MAX", "AUTO_FRACTION", "MIN_IT
 DENSE_MAX = 512
 #: the default budget: this fraction of the solve's own time (at least MIN_ITERS relaxation iterations)
 AUTO_FRACTION = 0.05
-#: relaxation iterations always run under the default budget
+#: relaxation iterations run under the default budget once it starts the relaxation
 MIN_ITERS = 8
+#: floating-point operations per second assumed when deciding whether the default budget affords the relaxation
+FLOPS = 1e9
 #: iteration cap of the relaxation with an explicit budget
 RELAX_ITERS = 400
 #: relative tolerance of the branch and bound that tightens a certificate (its bound is U − this·|U|)
@@ -136,11 +139,13 @@ def tighten_bound(problem: BlockProblem, support: np.ndarray, objective: float, 
     better = None
     if budget != 0 and 0 < k < n and not done():
         if budget is None:
-            deadline, iters = start + AUTO_FRACTION * max(solve_seconds, 0.0), RELAX_ITERS
-            min_iters = MIN_ITERS
+            allowed = AUTO_FRACTION * max(solve_seconds, 0.0)
+            deadline, iters, min_iters = start + allowed, RELAX_ITERS, MIN_ITERS
+            run_relaxation = _relaxation_seconds(problem, dense) <= allowed
         else:
             deadline, iters, min_iters = start + float(budget), RELAX_ITERS, 1
-        relaxed = _relaxation(problem, v, iters, min_iters, deadline, dense)
+            run_relaxation = True
+        relaxed = _relaxation(problem, v, iters, min_iters, deadline, dense) if run_relaxation else -math.inf
         if relaxed > best:
             best, source = relaxed, "relaxation"
         if budget is not None and dense and not done() and time.perf_counter() < deadline:
@@ -151,6 +156,20 @@ def tighten_bound(problem: BlockProblem, support: np.ndarray, objective: float, 
                 best, source = bnb_bound, "bnb"
     best = min(best, float(objective))  # rounding can put it a hair above
     return Certificate(float(best), source, time.perf_counter() - start, float(residual_bound), better)
+
+
+def _relaxation_seconds(problem: BlockProblem, dense: bool) -> float:
+    """A cautious estimate (at ``FLOPS`` per second) of the relaxation's fixed cost under the default budget:
+    the eigenvalues of H unless the rows of its layer already paid for them, and ``MIN_ITERS`` iterations
+    (dense: two n×n products; matrix-free: the power iterations for λ_max(F) and four products with X each)."""
+    n, N = problem.n, problem.n_samples
+    if dense:
+        flops = 2.0 * MIN_ITERS * n * n
+        if not problem.has_derived("certificate_shift", shared=True):
+            flops += 4.0 * n ** 3
+    else:
+        flops = (60.0 + 4.0 * MIN_ITERS) * N * n
+    return flops / FLOPS
 
 
 def _relaxation(problem: BlockProblem, v: np.ndarray, iters: int, min_iters: int, deadline: float,

@@ -89,12 +89,12 @@ def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
 
 
 def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray, time_limit: float | None,
-                certify_time: float | None = None) -> tuple[list[np.ndarray], list[float | None], list[Any]]:
+                certify_time: float | None = None) -> tuple[list[np.ndarray], list[float | None], list[Any], float]:
     """Every row of a layer by ``solver``, each answer checked like ``solve_block``'s (size, pattern,
     claims, bound; :func:`engine.solve.check_result`), its E(S) re-scored by one batched refit for all rows
     (:func:`engine.update.shared_factor_update`, equal to ``optimal_update``) and certified by the dual
     bound at its residual, tightened within ``certify_time`` (:mod:`engine.certificate`). Returns (supports,
-    bounds, refit updates)."""
+    bounds, refit updates, seconds spent on the certificates)."""
     from .solve import call_solver, check_result, note_overshoot
 
     results = []
@@ -112,7 +112,8 @@ def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray, time_l
             r.weights = u.weights
         check_result(p, r, solver, objective=None if u is None else u.objective,
                      residual=None if u is None else u.residual, certify_time=certify_time)
-    return [r.support for r in results], [r.bound for r in results], updates
+    cert_seconds = float(sum(r.extra.get("certificate_seconds", 0.0) for r in results))
+    return [r.support for r in results], [r.bound for r in results], updates, cert_seconds
 
 
 def global_row_budgets(model: nn.Module, names: Sequence[str], batches: list, sparsity: float,
@@ -280,11 +281,13 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
             problems = [p if pattern is not None else p.with_n_keep(int(kept[i].sum())) for i, p in enumerate(base)]
             supports = list(kept)
             updates = shared_factor_update(problems, supports, H)
-            bounds = [tighten_bound(p, S, u.objective, u.residual, u.weights, certify_time, per_row).bound
-                      for p, S, u in zip(problems, supports, updates)]
+            certs = [tighten_bound(p, S, u.objective, u.residual, u.weights, certify_time, per_row)
+                     for p, S, u in zip(problems, supports, updates)]
+            bounds, cert_seconds = [c.bound for c in certs], float(sum(c.seconds for c in certs))
         else:
             problems = base
-            supports, bounds, updates = _solve_rows(problems, solver, H, time_limit, certify_time)
+            supports, bounds, updates, cert_seconds = _solve_rows(problems, solver, H, time_limit, certify_time)
+        extra["certificate_seconds"] = cert_seconds
         if refit:
             V = np.stack([u.weights for u in updates])
             values = [u.objective for u in updates]

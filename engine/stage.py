@@ -199,10 +199,13 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
         if step != 1.0:
             updated = {n: start[n] + step * (updated[n] - start[n]) for n in run.moved}
     kept = sum(int(m.sum()) for m in new_alive.values())
+    # the certificates' own time (engine.certificate), so a run's records say what certifying cost it
+    cert_seconds = float(sum(r.extra.get("certificate_seconds", 0.0) for r in results))
     record = StageRecord(
         stage=stage + 1, sparsity=float(target), n_keep=kept, objective_total=float(sum(r.objective for r in records)),
         fisher_seconds=fisher_seconds, select_seconds=select_seconds, update_seconds=update_seconds, step=step,
-        train_loss=train_loss, extra=budget_info, block_steps=block_steps,
+        train_loss=train_loss, extra={**(budget_info or {}), "certificate_seconds": cert_seconds},
+        block_steps=block_steps,
     )
     log.info("stage %d: sparsity %.4f, %d kept, E = %.4g, step %.3g", stage + 1, target, kept,
              record.objective_total, step)

@@ -248,6 +248,11 @@ class BlockProblem:
             store[key] = value
         return store[key]
 
+    def has_derived(self, key: Any, shared: bool = False) -> bool:
+        """Whether :meth:`derived` already holds ``key`` (so asking for it costs nothing)."""
+        store = self._shared if shared and self._shared is not None else self._derived
+        return key in store
+
     def factor_matrix(self) -> np.ndarray:
         """``X`` with ``XᵀX = F`` (float64 view or float32 array as stored).
 

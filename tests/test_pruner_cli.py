@@ -275,7 +275,7 @@ def test_cli_bad_solver_param_exit_2(capsys, tmp_path, shared_data):
 def test_cli_prune_mlpnet_end_to_end(capsys, tmp_path, shared_data):
     code, out, err = _run(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "magnitude",
                            "--fisher-samples", "64", "--data-dir", str(shared_data), "--no-progress",
-                           "--out", str(tmp_path)], capsys)
+                           "--param", "certify=true", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rec = json.loads((tmp_path / "record.json").read_text())
     for key in ("model", "method", "update", "sparsity", "achieved_sparsity", "dense_accuracy", "accuracy",
@@ -284,6 +284,11 @@ def test_cli_prune_mlpnet_end_to_end(capsys, tmp_path, shared_data):
     assert abs(rec["dense_accuracy"] - 93.97) < 0.01
     assert abs(rec["achieved_sparsity"] - 0.5) < 1e-4
     assert all(set(b) >= {"n", "k", "objective", "bound", "gap"} for b in rec["blocks"])
+    # every block's certificate says where its bound came from, what it cost, and the residual bound it beat
+    for b in rec["blocks"]:
+        assert b["extra"]["certificate_from"] in ("residual", "trivial", "relaxation", "bnb")
+        assert b["extra"]["certificate_seconds"] >= 0 and b["bound"] >= b["extra"]["residual_bound"] - 1e-12
+        assert 0 <= b["gap"] <= 1  # g = 0: the trivial bound caps it at 100 %
     assert rec["environment"]["versions"]["torch"]
     assert "record:" in out
 
@@ -375,3 +380,20 @@ def test_cli_export_blocks_real_rows(capsys, tmp_path, shared_data):
     assert [b["n"] for b in index["blocks"]] == [20, 20, 20] and all(b["k"] == 10 for b in index["blocks"])
     p = load_problem(tmp_path / index["blocks"][0]["file"])
     assert p.n == 20 and p.n_samples == 30 and p.damping == 1e-3
+
+
+def test_cli_solve_gap_is_a_fraction_in_json_and_a_percentage_in_text(capsys, tmp_path):
+    path = _saved_problem(tmp_path)
+    code, out, err = _run(["solve", str(path), "--solver", "magnitude", "--certify-time", "0", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["gap"] == pytest.approx((res["objective"] - res["bound"]) / abs(res["objective"]), rel=1e-12, abs=1e-15)
+    assert 0 <= res["gap"] <= 1  # no gradient: the trivial bound 0 caps it at 100 %
+    code, text, _ = _run(["solve", str(path), "--solver", "magnitude", "--certify-time", "0"], capsys)
+    assert code == 0 and f"gap {100 * res['gap']:.4g} %" in text
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "x"])
+def test_cli_solve_bad_certify_time_exits_2(bad, capsys, tmp_path):
+    code, _, err = _run(["solve", str(_saved_problem(tmp_path)), "--certify-time", bad], capsys)
+    assert code == 2 and "--certify-time" in err, err
