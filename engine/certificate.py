@@ -9,7 +9,8 @@ only when the budget is not spent and the gap is still open:
 
 1. **Residual bound** LB(α_S): one pass over X (always; it is also what ``check_result`` refutes claims with).
 2. **Trivial bound**: min_v q(v) = −½ gᵀH⁻¹g, i.e. 0 when g = 0 (every E(S) ≥ the unconstrained minimum),
-   so a certified gap never exceeds 100 % when g = 0.
+   so a certified gap never exceeds 100 % when g = 0 (with g ≠ 0 it takes an n×n solve: blocks of at most
+   ``DENSE_MAX`` weights, within the budget).
 3. **Perspective relaxation**, warm-started at the answer's own update v*(S) (where LB starts at the
    residual bound of the split used):
 
@@ -33,8 +34,9 @@ The result is max of all of them (never below the residual bound) and never abov
 eigenvalues of H, ``MIN_ITERS`` iterations; :func:`_relaxation_seconds`) fits in that share, and then until
 the share is spent, so a whole-network run changes by a few percent and a millisecond heuristic keeps steps
 1-2. A number of seconds T > 0 runs step 3 (at most ``RELAX_ITERS`` iterations) and then step 4 until
-T is spent. ``0`` keeps the residual bound only (steps 1-2). The seconds spent and the step that gave the
-bound are recorded in the result's ``extra`` (``certificate_seconds``, ``certificate_from``).
+T is spent. ``0`` keeps the residual bound and, when g = 0, the trivial bound. The seconds spent and the
+step that gave the bound are recorded in the result's ``extra`` (``certificate_seconds``,
+``certificate_from``).
 """
 
 from __future__ import annotations
@@ -88,14 +90,19 @@ def _dense_shift(problem: BlockProblem) -> tuple[np.ndarray, float, float]:
     return H, delta, lip
 
 
-def _trivial_bound(problem: BlockProblem, dense: bool) -> float | None:
-    """min_v q(v) = −½ gᵀH⁻¹g (0 when g = 0); None when that needs an n×n solve we do not make."""
+def _trivial_bound(problem: BlockProblem, dense: bool, allowed: float | None) -> float | None:
+    """min_v q(v) = −½ gᵀH⁻¹g (0 when g = 0); None when that needs an n×n solve we do not make (a large
+    block, or one whose H and solve would not fit in ``allowed`` seconds; None: no limit)."""
     g = problem.gradient
     if g is None or not np.any(g):
         return 0.0
     if not dense:
         return None
-    H, _, _ = _dense_shift(problem)
+    n, N = problem.n, problem.n_samples
+    flops = n ** 3 / 3.0 + (0.0 if problem.has_derived("certificate_hessian", shared=True) else 2.0 * N * n * n)
+    if allowed is not None and flops / FLOPS > allowed:
+        return None
+    H = problem.derived("certificate_hessian", lambda p: p.dense_hessian(), shared=True)
     try:
         sol = scipy.linalg.solve(H, g, assume_a="pos", check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
@@ -133,13 +140,13 @@ def tighten_bound(problem: BlockProblem, support: np.ndarray, objective: float, 
     def done() -> bool:
         return best >= objective - 1e-12 * max(1.0, abs(objective))
 
-    trivial = _trivial_bound(problem, dense) if not done() else None
+    allowed = AUTO_FRACTION * max(solve_seconds, 0.0) if budget is None else float(budget)
+    trivial = _trivial_bound(problem, dense, allowed) if not done() else None
     if trivial is not None and trivial > best:
         best, source = trivial, "trivial"
     better = None
     if budget != 0 and 0 < k < n and not done():
         if budget is None:
-            allowed = AUTO_FRACTION * max(solve_seconds, 0.0)
             deadline, iters, min_iters = start + allowed, RELAX_ITERS, MIN_ITERS
             run_relaxation = _relaxation_seconds(problem, dense) <= allowed
         else:
@@ -167,6 +174,8 @@ def _relaxation_seconds(problem: BlockProblem, dense: bool) -> float:
         flops = 2.0 * MIN_ITERS * n * n
         if not problem.has_derived("certificate_shift", shared=True):
             flops += 4.0 * n ** 3
+        if not problem.has_derived("certificate_hessian", shared=True):
+            flops += 2.0 * N * n * n
     else:
         flops = (60.0 + 4.0 * MIN_ITERS) * N * n
     return flops / FLOPS
