@@ -95,11 +95,14 @@ def _run_block(path: Path, sparsity: float | None, args, done: set, out_path: Pa
 
 
 def _recertify(records: list[dict], budgets: list, out_path: Path) -> None:
-    """Each record's answer again (the same solver and seed) and its certificate under ``budgets``."""
+    """Each record's answer again (the same solver and seed) and its certificate under ``budgets``; only on
+    blocks whose optimum was proven (the others are not summarised)."""
     from engine.records import atomic_write_bytes as write
 
     cache: dict[tuple, object] = {}
     for i, rec in enumerate(records):
+        if not rec["proven"]:
+            continue
         key = (rec["block"], rec["sparsity"])
         if key not in cache:
             base = load_problem(Path(rec["block"]))

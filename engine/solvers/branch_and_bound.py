@@ -86,9 +86,10 @@ class BranchAndBoundSolver(SubsetSolver):
     abs_gap : absolute tolerance (default 1e-12).
     max_nodes : node limit (default None: unlimited); reaching it returns ITERATION_LIMIT.
     fixing_rounds : rounds of reduced-cost fixing per node (default 3; 0 disables).
-    relaxation_iters : FISTA iterations per node bound (default 200).
+    relaxation_iters : FISTA iterations per node bound (default 100).
     polish_passes : swap local-search passes applied to each new incumbent found in the tree (default 3).
-    batch : open nodes branched together, their children's relaxations solved in one batch (default 16).
+    batch : open nodes branched together, their children's relaxations solved in one batch (default 64;
+        on the benchmark 64 nodes and 100 iterations took half the time of 16 and 200).
     """
 
     name = "bnb"
@@ -108,9 +109,9 @@ class BranchAndBoundSolver(SubsetSolver):
         abs_gap: float = 1e-12,
         max_nodes: int | None = None,
         fixing_rounds: int = 3,
-        relaxation_iters: int = 200,
+        relaxation_iters: int = 100,
         polish_passes: int = 3,
-        batch: int = 16,
+        batch: int = 64,
     ) -> None:
         for nm, val in (("rel_gap", rel_gap), ("abs_gap", abs_gap)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 <= val < 1):
@@ -170,7 +171,7 @@ class BranchAndBoundSolver(SubsetSolver):
             if self.max_nodes is not None and nodes >= self.max_nodes:
                 termination = Termination.ITERATION_LIMIT
                 break
-            # the best few open nodes are branched together: their children's relaxations share every numpy
+            # the best open nodes (up to ``batch``) are branched together: their children's relaxations share every numpy
             # call (formulations.batch_relax), the one way to take the interpreter out of small nodes' cost
             jobs = []
             while heap and len(jobs) < 2 * self.batch and heap[0].bound < search.threshold():
