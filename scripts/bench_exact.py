@@ -81,7 +81,7 @@ def _done(path: Path) -> set[tuple]:
 
 def _table(records: list[dict]) -> str:
     """Seconds per seed, one column per solver (**>T**: not proven within the limit, with the gap left)."""
-    solvers = list(dict.fromkeys(r["solver"] for r in records))
+    solvers = sorted({r["solver"] for r in records})
     lines = ["| n | " + " | ".join(f"`{s}`" for s in solvers) + " |", "|---:|" + "---|" * len(solvers)]
     for n in sorted({r["n"] for r in records}):
         cells = []
