@@ -49,15 +49,14 @@ import numpy as np
 import scipy.linalg
 
 from formulations import objective as obj
-from formulations.cuts import DenseSubproblem, dual_ascent, perspective_shift, solve_perspective
-from formulations.patterns import group_top_sum
+from formulations.cuts import dense_subproblem, dual_ascent, perspective_shift, solve_perspective
 from formulations.problem import BlockProblem
 
 __all__ = ["Certificate", "tighten_bound", "DENSE_MAX", "AUTO_FRACTION", "MIN_ITERS", "RELAX_ITERS", "BNB_REL_GAP"]
 
 #: blocks up to this many weights get the dense relaxation (δ = λ_min(H)) and may get branch and bound
 DENSE_MAX = 512
-#: the default budget: this fraction of the solve's own time (at least MIN_ITERS relaxation iterations)
+#: the default budget: this fraction of the solve's own time
 AUTO_FRACTION = 0.05
 #: relaxation iterations run under the default budget once it starts the relaxation
 MIN_ITERS = 8
@@ -110,23 +109,14 @@ def _trivial_bound(problem: BlockProblem, dense: bool, allowed: float | None) ->
     return -0.5 * float(g @ sol)
 
 
-def _bound_at(problem: BlockProblem, base: float, scores: np.ndarray) -> float:
-    """base − (the k largest scores, or the N largest of every group under a pattern)."""
-    if problem.pattern is not None:
-        return base - group_top_sum(scores, problem.pattern)
-    k = problem.n_keep
-    if k <= 0:
-        return base
-    return base - float(np.partition(scores, scores.size - k)[scores.size - k:].sum())
-
-
 def tighten_bound(problem: BlockProblem, support: np.ndarray, objective: float, residual: np.ndarray | None,
                   v: np.ndarray | None, budget: float | None, solve_seconds: float = 0.0) -> Certificate:
     """The tightened certificate of the answer ``support`` (module docstring).
 
     support : (n,) bool; objective : its E(S); residual : X v*(S) − y (N,) or None (recomputed);
     v : its optimal update v*(S) (n,) or None (recomputed); budget : ``certify_time`` (None: automatic,
-    0: residual bound only, T > 0: seconds); solve_seconds : the solve's own time (sets the automatic budget).
+    0: the residual bound and, when g = 0, the trivial one; T > 0: seconds); solve_seconds : the solve's own
+    time (sets the automatic budget).
     """
     start = time.perf_counter()
     if residual is None or v is None:
@@ -188,12 +178,11 @@ def _relaxation(problem: BlockProblem, v: np.ndarray, iters: int, min_iters: int
     if not dense:  # dual_bound inside dual_ascent takes the group bound under a pattern
         return dual_ascent(problem, iters=iters, deadline=deadline, v0=v, min_iter=min_iters).bound
     H, delta, lip = _dense_shift(problem)
-    g = problem.gradient if problem.gradient is not None else np.zeros(problem.n)
-    sub = DenseSubproblem(H, problem.weights, np.asarray(g, dtype=np.float64), 0.0, problem.n_keep,
-                          np.arange(problem.n, dtype=np.int64))
+    sub = dense_subproblem(problem, hessian=H)
     res = solve_perspective(sub, delta, lip, v0=v, max_iter=iters, rtol=1e-9, deadline=deadline,
                             min_iter=min_iters)
-    return _bound_at(problem, res.base, res.scores) if math.isfinite(res.base) else -math.inf
+    # the relaxation keeps the k largest scores; under a pattern the group bound at its best dual point
+    return res.base - obj.kept_score_sum(problem, res.scores) if math.isfinite(res.base) else -math.inf
 
 
 def _branch_and_bound(problem: BlockProblem, support: np.ndarray, seconds: float) -> tuple[float, float]:

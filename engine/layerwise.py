@@ -20,7 +20,6 @@ of the layer's outputs on the calibration set (undamped).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ from .calibration import check_unfoldable, layer_hessian, layer_hessians
 from .certificate import tighten_bound
 from .errors import invalid_option
 from .options import SolveOptions
+from .settings import option
 from .solvers.registry import get_solver
 from .update import shared_factor_update
 
@@ -236,8 +236,7 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
     if not 0 < rel_damping < 1e3:
         raise invalid_option("rel_damping", where, "a number in (0, 1000)", rel_damping)
-    if certify_time is not None and not (isinstance(certify_time, (int, float)) and 0 <= certify_time < math.inf):
-        raise invalid_option("certify_time", where, "None or a finite number >= 0", certify_time)
+    certify_time = option("certify_time").check(certify_time, where)  # the option table's one definition
     batches = list(calibration)
     if not batches:
         raise invalid_option("calibration", where, "at least one batch of calibration inputs", "none")

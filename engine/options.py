@@ -34,9 +34,9 @@ class SolveOptions:
         of repeating it. None: nothing is remembered (``solve_block`` then makes a fresh one per call).
         Never share one memo between different blocks.
     certify_time : the budget for tightening the certificate of an answer (:mod:`engine.certificate`): None
-        (default) = 5 % of the solve's time, at least a few relaxation iterations; 0 = the dual bound at
-        the answer's residual only; T > 0 = T seconds (relaxation, then branch and bound on blocks of at
-        most 512 weights).
+        (default) = 5 % of the solve's time (the relaxation only when its fixed cost fits); 0 = the dual
+        bound at the answer's residual and, when g = 0, the trivial bound 0; T > 0 = T seconds (relaxation,
+        then branch and bound on blocks of at most 512 weights). Checked by the option table's definition.
     """
 
     time_limit: float | None = None

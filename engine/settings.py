@@ -256,8 +256,8 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
     _S("certify", "bool", None, "attach the dual certificate (bound, gap) to every block; default: whenever the "
        "method computes gradients anyway (not for magnitude without update)", nullable=True, public=False),
     _S("certify_time", "float", None, "seconds per block for tightening its certificate (perspective relaxation, "
-       "then branch and bound on blocks of at most 512 weights); 0: the dual bound at the answer's residual only; "
-       "default: 5 % of the block's solve time", 0.0, nullable=True),
+       "then branch and bound on blocks of at most 512 weights); 0: the dual bound at the answer's residual (and 0 "
+       "when there is no gradient term); default: 5 % of the block's solve time", 0.0, nullable=True),
     _S("chunk_size", "int", 256, "training samples vmapped at once by the gradient computation", 1, public=False),
     _S("progress", "bool", None, "progress bars (default: when stderr is a terminal)", nullable=True, public=False),
     # set by the recommendation for models with BatchNorm; reachable through --param

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from .errors import InvalidProblemError
 from .ksupport import k_support_squared, prox_k_support, prox_k_support_warm
 from .objective import dual_bound, dual_scores, optimal_update
 from .problem import BlockProblem
@@ -110,12 +111,17 @@ class DenseSubproblem:
         return int(self.weights.size)
 
 
-def dense_subproblem(problem: BlockProblem) -> DenseSubproblem:
-    """The whole block as a :class:`DenseSubproblem` (forms H, n×n: small blocks only)."""
+def dense_subproblem(problem: BlockProblem, hessian: np.ndarray | None = None) -> DenseSubproblem:
+    """The whole block as a :class:`DenseSubproblem` (n×n: small blocks only). ``hessian``: H = F + λI when
+    the caller already formed it (n, n); None forms it."""
     n = problem.n
     g = problem.gradient if problem.gradient is not None else np.zeros(n)
-    return DenseSubproblem(problem.dense_hessian(), problem.weights.copy(), np.array(g, dtype=np.float64), 0.0,
-                           problem.n_keep, np.arange(n, dtype=np.int64))
+    H = problem.dense_hessian() if hessian is None else hessian
+    if H.shape != (n, n):
+        raise InvalidProblemError(f"The 'hessian' argument of dense_subproblem() must have shape ({n}, {n}). "
+                                  f"Got {H.shape}.")
+    return DenseSubproblem(H, problem.weights.copy(), np.array(g, dtype=np.float64), 0.0, problem.n_keep,
+                           np.arange(n, dtype=np.int64))
 
 
 def restrict(sub: DenseSubproblem, keep: np.ndarray, prune: np.ndarray) -> DenseSubproblem:

@@ -68,6 +68,7 @@ __all__ = [
     "dual_bound",
     "dual_value",
     "dual_scores",
+    "kept_score_sum",
     "relative_gap",
     "selection_objective",
     "COND_LIMIT",
@@ -458,13 +459,20 @@ def dual_bound(problem: BlockProblem, alpha: np.ndarray | None = None, support: 
             alpha = -problem.target()
         else:
             alpha = optimal_update(problem, support).residual
-    c = dual_scores(problem, alpha)
-    k = problem.n_keep
+    return _dual_constant(problem, alpha) - kept_score_sum(problem, dual_scores(problem, alpha))
+
+
+def kept_score_sum(problem: BlockProblem, scores: np.ndarray) -> float:
+    """The largest sum of ``scores`` (n,) a support of the block can keep: its n_keep largest, or under an N:M
+    pattern the N largest of every group. The dual bound at any dual point is its constant minus this sum."""
+    c = np.asarray(scores, dtype=np.float64)
+    if c.shape != (problem.n,):
+        raise InvalidProblemError(f"The 'scores' argument of kept_score_sum() must have shape ({problem.n},). "
+                                  f"Got {c.shape}.")
     if problem.pattern is not None:
-        top = group_top_sum(c, problem.pattern)
-    else:
-        top = 0.0 if k == 0 else float(np.partition(c, c.size - k)[c.size - k:].sum())
-    return _dual_constant(problem, alpha) - top
+        return group_top_sum(c, problem.pattern)
+    k = problem.n_keep
+    return 0.0 if k == 0 else float(np.partition(c, c.size - k)[c.size - k:].sum())
 
 
 def relative_gap(objective: float, bound: float | None) -> float | None:

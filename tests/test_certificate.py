@@ -166,3 +166,27 @@ def test_default_budget_tightens_on_a_real_sized_block():
 def test_bad_certify_time_is_refused(bad):
     with pytest.raises(InvalidOptionError, match="certify_time"):
         SolveOptions(certify_time=bad)
+
+
+def test_kept_score_sum_is_the_dual_bounds_top_sum_and_checks_its_shape():
+    from formulations.objective import kept_score_sum
+    from formulations.errors import InvalidProblemError
+
+    p = _block("well", 8, 3, seed=5)
+    c = np.array([5.0, 1.0, 4.0, 0.5, 3.0, 2.0, 0.0, 6.0])
+    assert kept_score_sum(p, c) == pytest.approx(15.0)  # 6 + 5 + 4
+    assert kept_score_sum(_block("well", 8, 4, seed=5, pattern=(2, 4)), c) == pytest.approx(5 + 4 + 6 + 3)
+    with pytest.raises(InvalidProblemError, match="'scores' argument of kept_score_sum\\(\\) must have shape \\(8,\\)"):
+        kept_score_sum(p, c[:5])
+
+
+def test_dense_subproblem_takes_a_formed_hessian_and_checks_its_shape():
+    from formulations.cuts import dense_subproblem
+    from formulations.errors import InvalidProblemError
+
+    p = _block("gradient", 6, 3, seed=6)
+    H = p.dense_hessian()
+    a, b = dense_subproblem(p), dense_subproblem(p, hessian=H)
+    assert b.hessian is H and np.array_equal(a.hessian, b.hessian) and np.array_equal(a.linear, b.linear)
+    with pytest.raises(InvalidProblemError, match="'hessian' argument of dense_subproblem\\(\\) must have shape"):
+        dense_subproblem(p, hessian=H[:5, :5])

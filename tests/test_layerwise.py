@@ -86,6 +86,9 @@ def test_bad_inputs():
         prune_layerwise(model, names, batches, sparsity=1.0)
     with pytest.raises(InvalidOptionError, match="'calibration'"):
         prune_layerwise(model, names, [], sparsity=0.5)
+    for bad in (-1.0, float("inf"), True, "1"):
+        with pytest.raises(InvalidOptionError, match="'certify_time' argument of prune_layerwise"):
+            prune_layerwise(model, names, batches, sparsity=0.5, certify_time=bad)
     with pytest.raises(InvalidOptionError, match="M dividing every layer's d_in"):
         prune_layerwise(model, names, batches, pattern=(2, 5))
     emb = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2))

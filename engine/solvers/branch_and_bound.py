@@ -146,8 +146,7 @@ class BranchAndBoundSolver(SubsetSolver):
         best_S, best_val, info = heuristic_incumbent(problem, evaluator, warm_start, deadline)
         info["heuristic_time"] = time.perf_counter() - start
         info["heuristic_value"] = best_val
-        root = dense_subproblem(problem)
-        root = DenseSubproblem(evaluator.H, root.weights, root.linear, 0.0, k, root.index)
+        root = dense_subproblem(problem, hessian=evaluator.H)  # H formed once, by the evaluator
         search = _Search(self, root, problem.damping, evaluator, best_S, best_val, deadline)
         nodes = 0
         heap: list[_Node] = []
