@@ -64,6 +64,13 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"must be an existing file or folder. Got {text!r} (not found).")
+    return path
+
+
 def _existing_dir(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -112,14 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an advanced setting (e.g. holdout_loss=true, see docs) or a solver parameter (repeatable)")
     pr.add_argument("--out", required=True, metavar="DIR",
                     help="new or empty folder for record.json, mask.pt and model.pt (see --overwrite)")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last stage or layer (same settings)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    so = sub.add_parser("solve", help="solve one block problem stored in an .npz file (X, w, lam, k, optional g)")
-    so.add_argument("problem", type=_existing_file, help="PROBLEM.npz with X (N×n), w (n), lam, k, optionally g (n)")
+    so = sub.add_parser("solve", help="solve one block problem stored in an .npz file (X, w, lam, k, optional g), "
+                        "or every one in a folder")
+    so.add_argument("problem", type=_existing_path, help="PROBLEM.npz with X (N×n), w (n), lam, k, optionally g (n); "
+                    "or a FOLDER of them (cbs export-blocks), solved on --executor")
     so.add_argument("--solver", default=None, help=f"solver name: {', '.join(solver_names())} (default: exact where "
                     "it is fast, brute_force for tiny blocks, bnb above, else swap with its certificate)")
     so.add_argument("--time-limit", type=POSITIVE, default=None, help="seconds")
-    add_flags(so, (option("certify_time"),))  # the one definition, shared with cbs prune
+    add_flags(so, tuple(option(n) for n in ("certify_time", "executor", "workers", "ray_address")))  # shared
     so.add_argument("--seed", type=NONNEG_INT, default=0)
     so.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="solver parameter (repeatable)")
     so.add_argument("--json", action="store_true", help="write the result as JSON to stdout")
@@ -212,10 +223,11 @@ def _set_threads(threads: int | None) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     import time
 
-    from .outdir import check_out, locked
+    from .outdir import locked
+    from .resume import check_folder
 
     started = time.perf_counter()
-    out = check_out(args.out, "cbs prune", overwrite=bool(args.overwrite))
+    out = check_folder(args.out, "cbs prune", overwrite=bool(args.overwrite), resume=bool(args.resume))
     with locked(out, "cbs prune"):  # one run per folder: a second one stops here, exit 2
         return _prune_in(args, out, started)
 
@@ -235,6 +247,10 @@ def _prune_in(args: argparse.Namespace, out: Path, started: float) -> int:
                                 "../shared/data) or set CBS_DATA_DIR.")
     threads = _set_threads(args.threads)
     settings = prune_settings(args)
+    from .executor import make_executor
+
+    # where the blocks run, checked (and a Ray cluster joined) before the model and data are read
+    make_executor(settings.get("executor"), settings.get("workers", 1), settings.get("ray_address"), "cbs prune")
     job = {k: settings.pop(k) for k in ("bn_samples", "bn_augment") if k in settings}
     user = load_model_spec(args.model, args.checkpoint, data_dir)
     train, test, data_text = load_data_spec(args.data, user, data_dir)
@@ -245,9 +261,15 @@ def _prune_in(args: argparse.Namespace, out: Path, started: float) -> int:
               "data": data_text, "loss": loss_name, "metric": metric_name, "threads": threads}
     run = prepare(user.module, train, test, sparsity=args.sparsity, settings=settings, params=args.params,
                   loss=loss, metric=metric, bn_reestimate=args.bn_reestimate, describe_inputs=inputs, **job)
-    sys.stderr.write(f"cbs prune: running {run.chosen}\n")
+    from .resume import open_book
+
+    book = open_book(run, str(out), bool(args.resume))  # a changed run or a damaged checkpoint: exit 2, no work
+    if book.finished:
+        sys.stderr.write(f"cbs prune: {out} holds this run, finished: its record, no work\n")
+    else:
+        sys.stderr.write(f"cbs prune: {'resuming' if book.saved else 'running'} {run.chosen}\n")
     try:
-        record = execute(run, out=str(out))
+        record = execute(run, out=str(out), resume=book)
     except CBSError as exc:
         # past validation, a failure is not the user's input: exit 1, with its one-line message
         sys.stderr.write(f"cbs prune: error: {exc}\n")
@@ -292,10 +314,13 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from .solvers.registry import get_solver
 
     _set_threads(args.threads)
-    problem = load_problem(args.problem)
     advanced, params = split_params(args.param)
     if advanced:
         raise InvalidOptionError(f"The '--param' argument of cbs solve takes solver parameters only. Got {', '.join(advanced)}.")
+    if args.problem.is_dir():
+        return _solve_folder(args, params)
+    # one file is one block, solved here: --executor, --workers and --ray-address matter for a folder only
+    problem = load_problem(args.problem)
     name = args.solver
     if name is None:
         from .autosolve import choose_solver
@@ -324,6 +349,32 @@ def _cmd_solve(args: argparse.Namespace) -> int:
             f"status {summary['status']}  termination {summary['termination']}  wall time {summary['wall_time']:.3f} s\n"
             f"kept ({problem.n_keep} of {problem.n}): {summary['support']}\n"
         )
+    return 0
+
+
+def _solve_folder(args: argparse.Namespace, params: dict) -> int:
+    """``cbs solve FOLDER``: one line per block (or one JSON object per line), then the totals."""
+    from .folder_solve import solve_folder
+
+    try:
+        rows = solve_folder(args.problem, args.solver, params=params, time_limit=args.time_limit,
+                            certify_time=args.certify_time, seed=args.seed, executor=args.executor,
+                            workers=1 if args.workers is None else args.workers, ray_address=args.ray_address,
+                            where="cbs solve")
+    except InvalidOptionError as exc:  # the user typed --solver: say so, not the API's 'method'
+        raise InvalidOptionError(str(exc).replace("The 'method' argument", "The '--solver' argument")) from None
+    if args.json:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
+    lines = [f"{'problem':<28} {'n':>6} {'k':>6} {'solver':<10} {'objective':>14} {'gap':>9} {'status':<9} {'s':>7}"]
+    for r in rows:
+        gap = "–" if r["gap"] is None else f"{100 * r['gap']:.3g} %"
+        lines.append(f"{Path(r['problem']).name:<28} {r['n']:>6} {r['k']:>6} {r['solver']:<10} "
+                     f"{r['objective']:>14.8g} {gap:>9} {r['status']:<9} {r['wall_time']:>7.2f}")
+    proven = sum(r["status"] == "optimal" for r in rows)
+    lines.append(f"{len(rows)} blocks, {proven} proven optimal, {sum(r['wall_time'] for r in rows):.1f} s of solver "
+                 "time")
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -393,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"; {out} holds what was complete before (outputs are written as a whole)" if out else ""
         if out and args.command == "train":
             where = f"; {out} holds the last complete epoch, if any (continue it with --resume)"
+        elif out and args.command == "prune":
+            where = (f"; {out} holds what was complete before (outputs are written as a whole; a multi-stage or "
+                     "layer-wise run continues from its last stage or layer with --resume)")
         sys.stderr.write(f"cbs {args.command}: interrupted{where}\n")
         return 130
     finally:

@@ -1,62 +1,188 @@
-"""Executors: run a list of independent block solves, in this process or in forked worker processes.
+"""Executors: where a list of independent block solves runs: in this process, in forked worker processes, or as
+tasks on a Ray cluster (:mod:`engine.ray_executor`).
 
 The driver hands over (solver, problems, options) and gets the results back in block order; it does not know
-where they ran. Forked workers share the problems' arrays copy-on-write instead of receiving pickled copies.
+where they ran. Every block runs the same function, :func:`solve_task`, wherever it runs:
 
-Every call goes through :func:`engine.solve.call_solver` (in the worker, for forked ones): a solver that raises
-or returns no SolveResult stops the run with one :class:`~engine.solve.SolverCallError` naming the solver and
-the block, and each result carries its time-limit overshoot, which is judged here, in the calling process
+    call_solver (the plug-in's answer, or one SolverCallError naming solver and block)
+      → check_result (size and pattern checked, E(S) re-scored, claims checked, the certificate tightened
+        within ``options.certify_time``: :mod:`engine.certificate`)
+
+so a task returns a support with its objective, bound, gap, status and timings, and an executor changes where
+the work runs, never what it computes. A remote task leaves out the weights of the update (the driver's batched
+update recomputes them for every block at once) and the certificate travels with the task.
+
+``local``: a loop in this process. ``processes``: a ``ProcessPoolExecutor`` with the fork context; the job
+sits in a module global that forked workers inherit, so the problems' arrays are shared copy-on-write instead
+of pickled; the largest blocks go first. ``ray``: see :mod:`engine.ray_executor`.
+
+Each result carries its time-limit overshoot, which is judged here, in the calling process
 (:func:`engine.solve.note_overshoot`: one warning per solver per process, whichever worker overran).
+Progress: blocks done of all, and the block running longest (:class:`engine.progress.ProgressBar`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
+from formulations.objective import UpdateMemo
 from formulations.problem import BlockProblem
 
+from .errors import invalid_option
 from .options import SolveOptions
-from .progress import progress
+from .progress import ProgressBar
 from .result import SolveResult
-from .solve import call_solver, note_overshoot
+from .solve import call_solver, check_result, note_overshoot
 from .solvers.base import SubsetSolver
 
-__all__ = ["solve_blocks"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "ProcessExecutor", "make_executor", "solve_blocks", "solve_task"]
 
-#: (solver, problems, options) of the pool's current job: forked workers inherit it, nothing is pickled
-_POOL_JOB: tuple[Any, list[BlockProblem], list[SolveOptions]] | None = None
+#: the executors by name (the option ``executor``)
+EXECUTORS = ("local", "processes", "ray")
+
+
+def solve_task(solver: SubsetSolver, problem: BlockProblem, options: SolveOptions,
+               warm_start: Any = None) -> SolveResult:
+    """One block, checked and certified: what every executor runs for every block (module docstring)."""
+    if options.memo is None:
+        options = dataclasses.replace(options, memo=UpdateMemo())
+    result = call_solver(solver, problem, options, warm_start)
+    return check_result(problem, result, solver, certify=options.certify, memo=options.memo,
+                        certify_time=options.certify_time)
+
+
+def slowest_note(running: dict[Any, tuple[str, float]], now: float | None = None) -> str:
+    """``"slowest: LABEL 12 s"`` for the task running longest (``running``: key → (label, start time))."""
+    if not running:
+        return ""
+    now = time.monotonic() if now is None else now
+    label, start = min(running.values(), key=lambda v: v[1])
+    return f"slowest: {label or 'a block'} {now - start:.0f} s"
+
+
+class Executor:
+    """Runs :func:`solve_task` for every block; subclasses say where. ``workers``: how many at once."""
+
+    name = "base"
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    def solve(self, solver: SubsetSolver, problems: list[BlockProblem], options: list[SolveOptions],
+              desc: str = "select", show: bool | None = None, warm_starts: list | None = None) -> list[SolveResult]:
+        """The checked results of every block, in block order (``warm_starts``: a support or None per block,
+        for solvers that take one)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says about where the blocks ran."""
+        return {"executor": self.name, "workers": self.workers}
+
+
+class LocalExecutor(Executor):
+    """A loop in this process."""
+
+    name = "local"
+
+    def solve(self, solver, problems, options, desc="select", show=None, warm_starts=None):
+        results: list[SolveResult] = []
+        warm = warm_starts or [None] * len(problems)
+        with ProgressBar(len(problems), desc, show) as bar:
+            for p, o, w in zip(problems, options, warm):
+                if bar.total > 1:
+                    bar.status(f"running: {p.label or 'a block'}")
+                results.append(solve_task(solver, p, o, w))
+                note_overshoot(solver, p, results[-1])
+                bar.update()
+        return results
+
+
+#: (solver, problems, options, warm starts) of the pool's current job: forked workers inherit it, nothing is pickled
+_POOL_JOB: tuple[Any, list[BlockProblem], list[SolveOptions], list] | None = None
 
 
 def _pool_solve(i: int) -> tuple[int, SolveResult]:
     import torch
 
-    solver, problems, options = _POOL_JOB  # type: ignore[misc]
+    solver, problems, options, warm = _POOL_JOB  # type: ignore[misc]
     torch.set_num_threads(1)
-    # a SolverCallError (one line, picklable) comes back instead of whatever the plug-in raised
-    return i, call_solver(solver, problems[i], options[i])
+    # an error of ours (one line, picklable) comes back instead of whatever the plug-in raised
+    result = solve_task(solver, problems[i], options[i], warm[i])
+    result.weights = None  # the driver's batched update recomputes them: nothing large travels back
+    return i, result
+
+
+class ProcessExecutor(Executor):
+    """``workers`` forked processes on this machine (module docstring)."""
+
+    name = "processes"
+
+    def solve(self, solver, problems, options, desc="select", show=None, warm_starts=None):
+        if self.workers <= 1 or len(problems) <= 1:
+            return LocalExecutor().solve(solver, problems, options, desc, show, warm_starts)
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        global _POOL_JOB
+        results: list[SolveResult | None] = [None] * len(problems)
+        _POOL_JOB = (solver, problems, options, warm_starts or [None] * len(problems))
+        try:
+            with ProcessPoolExecutor(max_workers=min(self.workers, len(problems)),
+                                     mp_context=mp.get_context("fork")) as pool, \
+                    ProgressBar(len(problems), desc, show) as bar:
+                order = sorted(range(len(problems)), key=lambda i: -problems[i].n)  # largest first
+                pending = {pool.submit(_pool_solve, i): i for i in order}
+                running: dict[Any, tuple[str, float]] = {}
+                while pending:
+                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        i, result = future.result()
+                        pending.pop(future)
+                        running.pop(future, None)
+                        results[i] = result
+                        note_overshoot(solver, problems[i], result)
+                        bar.update()
+                    now = time.monotonic()
+                    for future, i in pending.items():
+                        if future not in running and future.running():
+                            running[future] = (problems[i].label, now)
+                    bar.status(slowest_note(running, now))
+        finally:
+            _POOL_JOB = None
+        return results  # type: ignore[return-value]
+
+
+def make_executor(executor: Any = None, workers: int = 1, ray_address: str | None = None,
+                  where: str = "solve_blocks()") -> Executor:
+    """The executor named ``executor`` (``local``, ``processes`` or ``ray``; None: ``processes`` when
+    ``workers > 1``, else ``local``), or ``executor`` itself when it is an :class:`Executor`. Checked before
+    any work: every argument by the option table's definition; ``ray`` imports Ray (else an error naming the
+    ``ray`` extra) and joins ``ray_address`` (or the cluster this process is connected to, or starts a local
+    one), refusing an address it cannot reach."""
+    from .settings import option
+
+    if isinstance(executor, Executor):
+        return executor
+    kind = option("executor").check(executor, where)
+    workers = option("workers").check(workers, where)
+    ray_address = option("ray_address").check(ray_address, where)
+    if kind is None:
+        kind = "processes" if workers > 1 else "local"
+    if ray_address is not None and kind != "ray":
+        raise invalid_option("ray_address", where, "None unless executor is 'ray'", repr(ray_address))
+    if kind == "local":
+        return LocalExecutor(workers)
+    if kind == "processes":
+        return ProcessExecutor(workers)
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(workers, ray_address, where)
 
 
 def solve_blocks(solver: SubsetSolver, problems: list[BlockProblem], options: list[SolveOptions], workers: int = 1,
-                 desc: str = "select", show: bool | None = None) -> list[SolveResult]:
-    """Solve every block, in this process or in ``workers`` forked processes (results in block order, each
-    with its wall time and time-limit overshoot)."""
-    global _POOL_JOB
-    results: list[SolveResult | None] = [None] * len(problems)
-    if workers > 1 and len(problems) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        _POOL_JOB = (solver, problems, options)
-        try:
-            with ProcessPoolExecutor(max_workers=min(workers, len(problems)), mp_context=mp.get_context("fork")) as pool:
-                order = sorted(range(len(problems)), key=lambda i: -problems[i].n)  # largest first
-                for i, result in progress(pool.map(_pool_solve, order), total=len(order), desc=desc, enabled=show):
-                    results[i] = result
-                    note_overshoot(solver, problems[i], result)
-        finally:
-            _POOL_JOB = None
-    else:
-        for i in progress(range(len(problems)), total=len(problems), desc=desc, enabled=show):
-            results[i] = call_solver(solver, problems[i], options[i])
-            note_overshoot(solver, problems[i], results[i])  # type: ignore[arg-type]
-    return results  # type: ignore[return-value]
+                 desc: str = "select", show: bool | None = None, executor: Any = None) -> list[SolveResult]:
+    """Solve and check every block (:func:`solve_task`) with ``executor`` (see :func:`make_executor`);
+    results in block order, each with its wall time and time-limit overshoot."""
+    return make_executor(executor, workers).solve(solver, problems, options, desc, show)

@@ -36,7 +36,9 @@ from formulations.sparsegpt import sparsegpt
 from .calibration import check_unfoldable, layer_hessian, layer_hessians
 from .certificate import tighten_bound
 from .errors import invalid_option
+from .executor import make_executor
 from .options import SolveOptions
+from .resume import LayerProgress, check_callback
 from .settings import option
 from .solvers.registry import get_solver
 from .update import shared_factor_update
@@ -89,31 +91,27 @@ def reconstruction_error(W: np.ndarray, V: np.ndarray, H: np.ndarray) -> float:
 
 
 def _solve_rows(problems: list[BlockProblem], solver: Any, H: np.ndarray, time_limit: float | None,
-                certify_time: float | None = None) -> tuple[list[np.ndarray], list[float | None], list[Any], float]:
-    """Every row of a layer by ``solver``, each answer checked like ``solve_block``'s (size, pattern,
-    claims, bound; :func:`engine.solve.check_result`), its E(S) re-scored by one batched refit for all rows
-    (:func:`engine.update.shared_factor_update`, equal to ``optimal_update``) and certified by the dual
-    bound at its residual, tightened within ``certify_time`` (:mod:`engine.certificate`). Returns (supports,
-    bounds, refit updates, seconds spent on the certificates)."""
-    from .solve import call_solver, check_result, note_overshoot
+                certify_time: float | None = None, pool: Any = None,
+                desc: str = "rows") -> tuple[list[np.ndarray], list[float | None], list[Any], float]:
+    """Every row of a layer by ``solver`` on the executor ``pool`` (:mod:`engine.executor`; None: this
+    process), each answer checked like ``solve_block``'s (size, pattern, claims, bound;
+    :func:`engine.solve.check_result`) and certified by the dual bound at its residual, tightened within
+    ``certify_time`` (:mod:`engine.certificate`), where it ran; then its E(S) re-scored by one batched refit
+    for all rows (:func:`engine.update.shared_factor_update`, equal to ``optimal_update``). Returns
+    (supports, bounds, refit updates, seconds spent on the certificates)."""
+    from .solve import check_result
 
-    results = []
-    for p in problems:
-        r = call_solver(solver, p, SolveOptions(time_limit=time_limit, memo=obj.UpdateMemo()))
-        note_overshoot(solver, p, r)
-        results.append(r)
-    try:
-        supports = [obj.as_support(p, r.support, check_size=False) for p, r in zip(problems, results)]
-    except (ValueError, TypeError, IndexError):
-        supports = None  # a malformed support: check_result below names it
-    updates = shared_factor_update(problems, supports, H) if supports is not None else [None] * len(problems)
+    pool = make_executor(pool)
+    options = [SolveOptions(time_limit=time_limit, memo=obj.UpdateMemo(), certify_time=certify_time)
+               for _ in problems]
+    results = pool.solve(solver, problems, options, desc, show=False if len(problems) < 2 else None)
+    supports = [r.support for r in results]
+    updates = shared_factor_update(problems, supports, H)
     for p, r, u in zip(problems, results, updates):
-        if u is not None:
-            r.weights = u.weights
-        check_result(p, r, solver, objective=None if u is None else u.objective,
-                     residual=None if u is None else u.residual, certify_time=certify_time)
+        r.weights = u.weights
+        check_result(p, r, solver, objective=u.objective, residual=u.residual, certify_time=certify_time)
     cert_seconds = float(sum(r.extra.get("certificate_seconds", 0.0) for r in results))
-    return [r.support for r in results], [r.bound for r in results], updates, cert_seconds
+    return supports, [r.bound for r in results], updates, cert_seconds
 
 
 def global_row_budgets(model: nn.Module, names: Sequence[str], batches: list, sparsity: float,
@@ -215,8 +213,11 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
                     sequential: bool = True, rel_damping: float = 0.01, time_limit: float | None = None,
                     solver_params: dict[str, Any] | None = None, block: int = 128, refit: bool = True,
                     allocation: str = "uniform", row_budgets: dict[str, Sequence[int]] | None = None,
-                    certify_time: float | None = None, on_layer: Callable[[LayerRecord], None] | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                     list[LayerRecord]]:
+                    certify_time: float | None = None, on_layer: Callable[[LayerRecord], None] | None = None,
+                    executor: Any = None, workers: int = 1,
+                    ray_address: str | None = None, resume_from: LayerProgress | None = None,
+                    on_progress: Callable[[LayerProgress], None] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
     """Prune ``names`` (weight parameter names) of ``model`` in place, layer by layer; returns (kept masks by
     parameter name, one :class:`LayerRecord` per layer). ``calibration``: a re-iterable of input batches (or
     (inputs, targets) pairs). ``sparsity`` (uniform per row) or ``pattern`` (N, M) sets the budget. ``refit``:
@@ -230,13 +231,21 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     SparseGPT picks its own per-row counts.
     ``row_budgets`` (by parameter name, one k per row, e.g. from a budget across layers) replaces the
     allocation for the layers it names (unstructured, per-row solvers only). ``certify_time``: the budget of
-    each row's certificate (``SolveOptions.certify_time``; :mod:`engine.certificate`)."""
+    each row's certificate (``SolveOptions.certify_time``; :mod:`engine.certificate`).
+    ``resume_from``: a :class:`engine.resume.LayerProgress` of this run (its checkpoint): its layers are not
+    pruned again, their weights are written after what is computed up front from the model as given (the dense
+    Hessians without ``sequential``, the ``loss_curve`` budgets), so the run continues as if never stopped.
+    ``on_progress``: called after every layer with the run's :class:`~engine.resume.LayerProgress`."""
     where = "prune_layerwise()"
     if pattern is None and (sparsity is None or not 0 <= sparsity < 1):
         raise invalid_option("sparsity", where, "a number in [0, 1) (or give pattern)", sparsity)
     if not 0 < rel_damping < 1e3:
         raise invalid_option("rel_damping", where, "a number in (0, 1000)", rel_damping)
+    check_callback(on_progress, "on_progress", where, "a LayerProgress")
+    if resume_from is not None and not isinstance(resume_from, LayerProgress):
+        raise invalid_option("resume_from", where, "None or a LayerProgress", type(resume_from).__name__)
     certify_time = option("certify_time").check(certify_time, where)  # the option table's one definition
+    pool = make_executor(executor, workers, ray_address, where)  # connects to Ray now: before any work
     batches = list(calibration)
     if not batches:
         raise invalid_option("calibration", where, "at least one batch of calibration inputs", "none")
@@ -253,7 +262,11 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
     if allocation == "loss_curve" and pattern is None and solver is not None and row_budgets is None:
         row_budgets = global_row_budgets(model, names, batches, sparsity, rel_damping, grams=dense)
     masks, records = {}, []
+    if resume_from is not None:  # the layers done, written after everything computed from the dense model
+        masks, records = resume_from.restore(model, list(names))
     for pname, (mname, module, transposed) in zip(names, layers):
+        if pname in masks:
+            continue
         start = time.perf_counter()
         gram = dense[mname] if dense is not None else layer_hessian(model, mname, module, batches)
         H = gram.hessian
@@ -285,7 +298,10 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
             bounds, cert_seconds = [c.bound for c in certs], float(sum(c.seconds for c in certs))
         else:
             problems = base
-            supports, bounds, updates, cert_seconds = _solve_rows(problems, solver, H, time_limit, certify_time)
+            supports, bounds, updates, cert_seconds = _solve_rows(problems, solver, H, time_limit, certify_time,
+                                                                  pool, f"rows ({mname})")
+            if pool.name == "ray":
+                extra["ray"] = dict(pool.last)  # tasks, bytes shared once and bytes of payloads: what moved
         extra["certificate_seconds"] = cert_seconds
         if refit:
             V = np.stack([u.weights for u in updates])
@@ -308,4 +324,6 @@ def prune_layerwise(model: nn.Module, names: Sequence[str], calibration: Iterabl
         records.append(record)
         if on_layer is not None:
             on_layer(record)
+        if on_progress is not None:
+            on_progress(LayerProgress.of(model, masks, records))
     return masks, records

@@ -31,6 +31,7 @@ from .recommend import as_dict, describe, profile_of, recommend
 from .reconstruction import (RECONSTRUCTION_METHOD, check_reconstruction_inputs,
                              prune_reconstruction)
 from .records import environment, to_jsonable, write_folder_atomic
+from .resume import MARKER, Book, open_book
 from .settings import PRUNE_OPTIONS, option
 from .sources import Samples, as_samples
 
@@ -194,18 +195,33 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
     return Prepared(model, names, frozenset(transposed), train, test, config, bn, loss, metric, info, chosen)
 
 
-def execute(run: Prepared, out: str | None = None, cache: dict | None = None) -> dict[str, Any]:
-    """Measure, prune, re-estimate, measure again; the record (also written with ``mask.pt`` and ``model.pt``
-    into ``out`` as one transaction when given)."""
+def execute(run: Prepared, out: str | None = None, cache: dict | None = None,
+            resume: bool | Book = False) -> dict[str, Any]:
+    """Measure, prune, re-estimate, measure again; the record (also written with ``mask.pt``, ``model.pt`` and
+    the finished marker ``checkpoint.pt`` into ``out`` as one transaction when given). With ``out``, a
+    multi-stage or layer-wise run replaces ``out`` with a checkpoint after every stage or layer
+    (:mod:`engine.resume`); ``resume=True`` continues the run in ``out`` from its last one (a finished run
+    returns its record without work), or takes the :class:`~engine.resume.Book` the caller opened already."""
     started = time.time()
     config, show = run.config, run.config.progress
-    dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
+    book = resume if isinstance(resume, Book) else open_book(run, out, resume)  # refuses a changed run now
+    if book.finished:
+        return book.finish()
+    if book.saved is not None:
+        dense = book.dense  # measured before the interruption, on the dense model
+    else:
+        dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
     on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric, show=show)
+    stage_log.extend(book.stage_log)
+    book.dense, book.stage_log = dense, stage_log
+    saving = out is not None
     if config.objective == "reconstruction":
-        report = prune_reconstruction(run.model, run.names, run.train, config)
+        report = prune_reconstruction(run.model, run.names, run.train, config, resume_from=book.layers(),
+                                      on_progress=book.on_layer if saving else None)
     else:
         report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
-                       on_stage=on_stage if config.stages > 1 else None, cache=cache)
+                       on_stage=on_stage if config.stages > 1 else None, cache=cache, resume_from=book.stages(),
+                       on_progress=book.on_stage if saving and config.stages > 1 else None)
     record: dict[str, Any] = {**run.describe, "method": config.method_name, "update": config.applies_update,
                               "sparsity": config.sparsity, "achieved_sparsity": report.achieved_sparsity,
                               "recommendation": run.chosen}
@@ -228,16 +244,18 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None) ->
         "blocks": [b.__dict__ for b in report.blocks],
         "stages": [{**st.__dict__, **(stage_log[i] if i < len(stage_log) else {})}
                    for i, st in enumerate(report.stages)],
-        "peak_memory_mb": peak_memory_mb(), "total_seconds": time.time() - started, "environment": environment(),
+        "peak_memory_mb": peak_memory_mb(), "total_seconds": time.time() - started + book.before,
+        "environment": environment(),
         "command": sys.argv[:],
     })
     if out is not None:
         import json
 
-        record["files"] = {"mask": "mask.pt", "model": "model.pt", "record": "record.json"}
+        record["files"] = {"mask": "mask.pt", "model": "model.pt", "record": "record.json", "resume": MARKER}
         plain = _folded_state_dict(run.model)
         write_folder_atomic(out, {"mask.pt": _tensor_bytes(report.masks), "model.pt": _tensor_bytes(plain),
-                                  "record.json": (json.dumps(to_jsonable(record), indent=2) + "\n").encode()})
+                                  "record.json": (json.dumps(to_jsonable(record), indent=2) + "\n").encode(),
+                                  **book.final_files(record)})
     return record
 
 
@@ -252,6 +270,13 @@ def _folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     touching ``model`` itself."""
     import copy
 
+    from torch.nn.utils import prune as torch_prune
+
+    with torch.no_grad():  # masked weights as plain tensors: one computed with autograd (no forward since the
+        for module in model.modules():  # masks were attached, e.g. no test data) cannot be deep-copied
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    hook(module, None)
     plain = copy.deepcopy(model)
     make_permanent(plain)
     return plain.state_dict()

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["progress", "get_logger"]
+__all__ = ["progress", "ProgressBar", "get_logger"]
 
 T = TypeVar("T")
 
@@ -76,6 +76,67 @@ def _fallback(iterable: Iterable[T], total: int | None, desc: str) -> Iterator[T
     finally:
         stream.write("\r" + " " * width + "\r")  # leave=False, like the tqdm bar
         stream.flush()
+
+
+
+class ProgressBar:
+    """A bar driven by hand, for work whose items finish out of order (executors): ``update(n)`` counts
+    finished items, ``status(text)`` shows a short note after the count (e.g. the slowest running task).
+    Same switches as :func:`progress`; a no-op when off. Use as a context manager."""
+
+    def __init__(self, total: int, desc: str = "", enabled: bool | None = None) -> None:
+        self.total, self.desc, self.done, self.note = total, desc, 0, ""
+        self._on = _wanted(enabled)
+        self._bar = None
+        self._width, self._last = 0, 0.0
+        if self._on:
+            try:
+                from tqdm.auto import tqdm  # noqa: PLC0415 - optional (the ``progress`` extra)
+
+                self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                self._draw(force=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._on:
+            self._draw()
+
+    def status(self, text: str) -> None:
+        if text == self.note:
+            return
+        self.note = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=True)
+        elif self._on:
+            self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        line = f"{self.desc}: {self.done}/{self.total}" + (f"  {self.note}" if self.note else "")
+        self._width = max(self._width, len(line))
+        sys.stderr.write("\r" + line.ljust(self._width))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._on and self._width:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+            self._width = 0
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def get_logger(name: str = "cbs") -> logging.Logger:

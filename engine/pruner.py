@@ -28,10 +28,11 @@ from formulations.allocation import sparsity_schedule
 
 from .blocks import make_blocks
 from .config import BlockRecord, PruneConfig, PruneReport, StageRecord
-from .errors import InvalidOptionError, invalid_option
+from .errors import InvalidOptionError, describe_value, invalid_option
 from .losses import LossFn, cross_entropy, write_weights
 from .masking import apply_pruning
 from .progress import get_logger, progress
+from .resume import StageProgress, check_callback
 from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .sources import as_samples
@@ -79,6 +80,9 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
                                      f"left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
     if config.needs_gradients:
         _check_memory(config, sum(params[n].numel() for n in parameter_names))
+    from .executor import make_executor
+
+    make_executor(config.executor, config.workers, config.ray_address, "prune()")  # Ray joined (or refused) now
     cap = solver.capabilities
     if config.pattern is not None:
         _check_pattern_geometry(config, {n: params[n].shape for n in parameter_names}, transposed, solver)
@@ -146,6 +150,8 @@ def prune(
     on_block: Callable[[BlockRecord], None] | None = None,
     on_stage: Callable[[StageRecord, nn.Module], None] | None = None,
     cache: dict | None = None,
+    resume_from: StageProgress | None = None,
+    on_progress: Callable[[StageProgress], None] | None = None,
 ) -> PruneReport:
     """Prune ``parameter_names`` of ``model`` in one shot (or in ``config.stages`` stages); the model is edited
     in place, all or nothing (on an error it is restored).
@@ -165,6 +171,11 @@ def prune(
     cache : a dict the caller keeps between calls (sweeps): the first stage's gradients and block problems are
         stored there and reused by later calls with the same weights (a sha1 of their bytes), data, samples and
         Fisher settings, and so is the update of every set of supports already solved.
+    resume_from : a :class:`engine.resume.StageProgress` of this run (its checkpoint): the stages it has done are
+        not run again; the model's state after them (weights, BatchNorm buffers), the masks, stage records and
+        timings come from it. ``model`` is still the model the run started from (restored on an error).
+    on_progress : called after every stage but the last, after ``on_stage``, with the run's
+        :class:`~engine.resume.StageProgress` (e.g. to write a checkpoint, :mod:`engine.resume`).
     """
     train = as_samples(train, "train")
     solver = check_prune_inputs(model, parameter_names, len(train), config, transposed)
@@ -177,10 +188,18 @@ def prune(
     schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
     stages: list[StageRecord] = []
     totals = {"fisher": 0.0, "select": 0.0, "update": 0.0, "prune": 0.0}
+    check_callback(on_progress, "on_progress", "prune()", "a StageProgress")
+    if resume_from is not None and not isinstance(resume_from, StageProgress):
+        raise invalid_option("resume_from", "prune()", "None or a StageProgress", describe_value(resume_from))
+    first = 0
     try:
+        if resume_from is not None:  # the stages done: their state into the model, the rest from the checkpoint
+            first, alive, stages, totals = resume_from.restore(model, list(parameter_names), len(schedule))
         stages_bar = progress(enumerate(schedule), total=len(schedule), desc="stages",
                               enabled=config.progress if len(schedule) > 1 else False)
         for t, target in stages_bar:
+            if t < first:
+                continue
             outcome = run_stage(run, t, target, alive)
             stages.append(outcome.record)
             for key in totals:
@@ -191,6 +210,8 @@ def prune(
             alive = outcome.alive
             if on_stage is not None:
                 on_stage(outcome.record, model)
+            if on_progress is not None:
+                on_progress(StageProgress(t + 1, alive, list(stages), dict(totals), model.state_dict()))
     except BaseException:
         write_weights(model, run.moved, {n: v.reshape(-1) for n, v in original.items()})
         raise

@@ -10,6 +10,7 @@ share of rows proven optimal and λ).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from .config import BlockRecord, PruneConfig, PruneReport
 from .errors import invalid_option
 from .layerwise import check_layers, prune_layerwise
+from .resume import LayerProgress
 from .sources import Samples
 
 __all__ = ["RECONSTRUCTION_METHOD", "check_reconstruction_inputs", "prune_reconstruction"]
@@ -41,8 +43,12 @@ def check_reconstruction_inputs(model: nn.Module, names: list[str], n_train: int
                  solver_params=config.solver_params, where="cbs prune", names_argument="params")
 
 
-def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, config: PruneConfig) -> PruneReport:
-    """Layer-wise reconstruction pruning of ``names`` in place; the report the Fisher path would give."""
+def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, config: PruneConfig, *,
+                         resume_from: LayerProgress | None = None,
+                         on_progress: Callable[[LayerProgress], None] | None = None) -> PruneReport:
+    """Layer-wise reconstruction pruning of ``names`` in place; the report the Fisher path would give.
+    ``resume_from``, ``on_progress``: as :func:`engine.layerwise.prune_layerwise`'s (a resumed run's seconds
+    include those of the layers done before)."""
     start = time.perf_counter()
     drawn = train.draw(config.calibration_samples, config.seed, "calibration")
     calibration = [x for x, _ in drawn.batches(_BATCH)]
@@ -50,7 +56,9 @@ def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, con
         model, names, calibration, sparsity=None if config.pattern is not None else config.sparsity,
         pattern=config.pattern, method=config.method,
         sequential=config.sequential, time_limit=config.time_limit, solver_params=config.solver_params or None,
-        refit=config.applies_update, allocation=config.allocation, certify_time=config.certify_time)
+        refit=config.applies_update, allocation=config.allocation, certify_time=config.certify_time,
+        executor=config.executor, workers=config.workers, ray_address=config.ray_address,
+        resume_from=resume_from, on_progress=on_progress)
     blocks = [BlockRecord(label=r.name, n=r.d_out * r.d_in, k=r.kept, objective=r.objective, bound=r.bound,
                           gap=r.gap, status="optimal" if r.rows_proven == 1.0 else "feasible",
                           termination="completed", solve_seconds=r.seconds,
@@ -59,7 +67,7 @@ def prune_reconstruction(model: nn.Module, names: list[str], train: Samples, con
               for r in layers]
     total = sum(int(m.numel()) for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + sum(r.seconds for r in (resume_from.records if resume_from else []))
     return PruneReport(config=config.to_dict(), blocks=blocks, n_total=total, n_keep=kept,
                        achieved_sparsity=1.0 - kept / total, fisher_seconds=0.0, select_seconds=seconds,
                        update_seconds=0.0, prune_seconds=seconds,

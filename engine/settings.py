@@ -250,14 +250,17 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
        metavar="N:M", reader=lambda text: text, allowed_text="'unstructured' or N:M with integers 1 <= N < M"),
     _S("seed", "int", 0, "seeds every sample draw and every solver", 0),
     _S("time_limit", "float", None, "per-block solver time limit in seconds", 0.0, low_open=True, nullable=True),
-    _S("workers", "int", 1, "processes solving blocks in parallel", 1),
+    _S("workers", "int", 1, "blocks solved at once (processes; on Ray, 1 = one per CPU of the cluster)", 1),
+    _S("executor", "choice", None, "where blocks and rows are solved: local (here), processes or ray (default: "
+       "processes when --workers > 1)", choices=("local", "processes", "ray"), nullable=True, metavar="KIND"),
+    _S("ray_address", "str", None, "Ray cluster (HOST:PORT, ray://HOST:PORT, auto; default: start one here)",
+       nullable=True, metavar="ADDRESS"),
     _S("solver_params", "object", None, "constructor parameters of the method (--param NAME=VALUE)",
        validator=_solver_params, nullable=True, public=False),
     _S("certify", "bool", None, "attach the dual certificate (bound, gap) to every block; default: whenever the "
        "method computes gradients anyway (not for magnitude without update)", nullable=True, public=False),
-    _S("certify_time", "float", None, "seconds per block for tightening its certificate (perspective relaxation, "
-       "then branch and bound on blocks of at most 512 weights); 0: the dual bound at the answer's residual (and 0 "
-       "when there is no gradient term); default: 5 % of the block's solve time", 0.0, nullable=True),
+    _S("certify_time", "float", None, "seconds per block tightening its certificate (relaxation, then bnb); 0: "
+       "the residual's dual bound; default: 5 % of the solve", 0.0, nullable=True),
     _S("chunk_size", "int", 256, "training samples vmapped at once by the gradient computation", 1, public=False),
     _S("progress", "bool", None, "progress bars (default: when stderr is a terminal)", nullable=True, public=False),
     # set by the recommendation for models with BatchNorm; reachable through --param
@@ -285,11 +288,11 @@ JOB_OPTIONS: tuple[Option, ...] = (
        metavar="SPEC"),
     _S("checkpoint", "str", None, "state dict to load (.pt/.pth/.ckpt/.npz/.safetensors); zoo: the shared one",
        nullable=True, metavar="PATH"),
-    _S("data", "str", None, "FILE.py:FUNC returning (train, test) Datasets or DataLoaders; zoo: its data set",
+    _S("data", "str", None, "FILE.py:FUNC returning (train, test) Datasets or DataLoaders (zoo: its own)",
        nullable=True, metavar="SPEC"),
     _S("data_dir", "str", None, "folder laid out like ../shared/data (default: $CBS_DATA_DIR, else "
        "./../shared/data)", nullable=True, metavar="DIR"),
-    _S("loss", "str", None, "FILE.py:FUNC, loss(outputs, targets) -> scalar (default: cross-entropy on logits)",
+    _S("loss", "str", None, "FILE.py:FUNC, loss(outputs, targets) -> scalar (default: cross-entropy)",
        nullable=True, metavar="SPEC"),
     _S("metric", "str", None, "FILE.py:FUNC, metric(outputs, targets) -> number (default: top-1 accuracy %)",
        nullable=True, metavar="SPEC"),
@@ -328,7 +331,8 @@ def add_flags(parser: argparse.ArgumentParser, options: tuple[Option, ...], skip
             group.add_argument(f"--no-{o.flag[2:]}", dest=o.name, action="store_false", default=None,
                                help=argparse.SUPPRESS)
         elif o.kind == "choice":
-            parser.add_argument(o.flag, choices=o.allowed_choices(), default=None, required=required, help=help_)
+            parser.add_argument(o.flag, choices=o.allowed_choices(), default=None, required=required, help=help_,
+                                metavar=o.metavar)
         else:
             metavar = o.metavar or {"int": "N", "float": "X"}.get(o.kind, "VALUE")
             parser.add_argument(o.flag, type=o.argparse_type(), default=None, required=required, metavar=metavar,

@@ -29,7 +29,7 @@ from formulations.problem import BlockProblem
 
 from .blocks import Block, make_blocks
 from .config import BlockRecord, PruneConfig, StageRecord
-from .executor import solve_blocks
+from .executor import make_executor
 from .fisher import per_sample_gradients
 from .losses import BlockLoss, LossFn, PrefixLoss, step_search
 from .options import SolveOptions
@@ -58,6 +58,15 @@ class Run:
     loss: LossFn
     transposed: frozenset[str] = frozenset()
     cache: dict | None = None
+    pool: Any = None  # the executor (engine.executor), made at the first stage
+
+    @property
+    def executor(self) -> Any:
+        """Where the stage's blocks are solved (``config.executor``; :func:`engine.executor.make_executor`)."""
+        if self.pool is None:
+            c = self.config
+            self.pool = make_executor(c.executor, c.workers, c.ray_address, "prune()")
+        return self.pool
 
     @property
     def moved(self) -> list[str]:
@@ -132,7 +141,7 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
                      certify=config.certifies, memo=memo, certify_time=config.certify_time)
         for b, p, pos, memo in zip(blocks, problems, positions, memos)
     ]
-    results = solve_blocks(run.solver, problems, options, config.workers, f"select ({run.solver.name}){tag}", show)
+    results = run.executor.solve(run.solver, problems, options, f"select ({run.solver.name}){tag}", show)
     select_seconds = time.perf_counter() - t1 + budget_seconds
 
     # ---- update (also scores E(S) for the record when the update is not applied)
@@ -204,7 +213,8 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
     record = StageRecord(
         stage=stage + 1, sparsity=float(target), n_keep=kept, objective_total=float(sum(r.objective for r in records)),
         fisher_seconds=fisher_seconds, select_seconds=select_seconds, update_seconds=update_seconds, step=step,
-        train_loss=train_loss, extra={**(budget_info or {}), "certificate_seconds": cert_seconds},
+        train_loss=train_loss, extra={**(budget_info or {}), "certificate_seconds": cert_seconds,
+                                      **({"ray": dict(run.executor.last)} if run.executor.name == "ray" else {})},
         block_steps=block_steps,
     )
     log.info("stage %d: sparsity %.4f, %d kept, E = %.4g, step %.3g", stage + 1, target, kept,

@@ -9,7 +9,7 @@ patterns only (unstructured, it picks its own count per row, so its rows are not
     python scripts/layerwise_exact.py --model mlpnet [--layers fc3 fc2] [--patterns unstructured 2:4]
     python scripts/layerwise_exact.py --model charlm --layers model.transformer.h.0.attn.c_attn \\
         model.transformer.h.0.mlp.c_fc --rows 16 --time-limit 20
-    python scripts/layerwise_exact.py --model resnet20 --layers layer1.0.conv1 --time-limit 20
+    python scripts/layerwise_exact.py --model resnet20 --layers layer1.0.conv1 --time-limit 20 [--executor ray]
 
 Writes ``<model>/rows.jsonl`` (one record per row and method), ``<model>/summary.md`` and one gap
 distribution plot per layer and pattern (``<model>/<layer>_<pattern>.png``, with the ``plots`` extra) under
@@ -36,6 +36,7 @@ from engine.hub import is_transposed_linear  # noqa: E402
 from engine.layerwise import layer_damping, layer_rows  # noqa: E402
 from engine.options import SolveOptions  # noqa: E402
 from engine.records import append_jsonl, environment  # noqa: E402
+from engine.executor import EXECUTORS, make_executor  # noqa: E402
 from engine.solve import solve_block  # noqa: E402
 from engine.solvers.registry import get_solver  # noqa: E402
 from formulations import objective as obj  # noqa: E402
@@ -86,7 +87,9 @@ def _study(layer, W, H, text, args, rows_path):
     stats: dict[str, list] = {m: [] for m in methods}
     proven, seconds, exact_gaps = 0, [], []
     chosen = _rows(W, args.rows)
-    for i, p in zip(chosen, _row_problems(layer, W, H, text, args.rows)):
+    problems = _row_problems(layer, W, H, text, args.rows)
+    heuristic = []
+    for i, p in zip(chosen, problems):
         results = {}
         for method in methods:
             if method == "sparsegpt":
@@ -96,13 +99,17 @@ def _study(layer, W, H, text, args, rows_path):
             else:
                 r = solve_block(p, method)
                 results[method] = (r.objective, r.gap, r.support)
-        # the exact search starts from the best heuristic answer (a warm start, as a user would give it)
-        warm = min(results.values(), key=lambda t: t[0])[2]
-        params = {"max_size": n} if exact == "brute_force" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an unproven row is recorded, not warned about row by row
-            best = solve_block(p, get_solver(exact, **params), SolveOptions(time_limit=args.time_limit),
-                               warm_start=warm if exact == "bnb" else None)
+        heuristic.append(results)
+    # the exact search starts from the best heuristic answer (a warm start, as a user would give it); the rows
+    # run on --executor (each checked and certified where it runs, as solve_block does)
+    warm = [min(results.values(), key=lambda t: t[0])[2] if exact == "bnb" else None for results in heuristic]
+    params = {"max_size": n} if exact == "brute_force" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unproven row is recorded, not warned about row by row
+        bests = args.pool.solve(get_solver(exact, **params), problems,
+                                [SolveOptions(time_limit=args.time_limit)] * len(problems), f"{exact} ({layer})",
+                                warm_starts=warm)
+    for i, results, best in zip(chosen, heuristic, bests):
         ok = best.status.value == "optimal"
         proven += ok
         seconds.append(best.wall_time)
@@ -184,7 +191,12 @@ def main() -> int:
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="only write the chosen rows as `cbs solve` problems (.npz, k = n/2 or the pattern's) to "
                              "DIR/<layer>_<pattern>/ and stop (e.g. for scripts/certificate_study.py)")
+    parser.add_argument("--executor", choices=EXECUTORS, default=None,
+                        help="where the exact solves of a layer's rows run (default: processes with --workers > 1)")
+    parser.add_argument("--workers", type=int, default=1, help="processes, or Ray tasks in flight")
+    parser.add_argument("--ray-address", default=None, help="the Ray cluster to join with --executor ray")
     args = parser.parse_args()
+    args.pool = make_executor(args.executor, args.workers, args.ray_address, "layerwise_exact.py")
     torch.set_num_threads(1)
     out = args.out / args.model
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def test_overwrite_replaces_a_full_folder_and_leftovers_are_cleaned(tmp_path, sh
     leftover = tmp_path / ".run.new-abc"
     leftover.mkdir()
     assert main(_prune(out, "--data-dir", str(shared_data), "--overwrite")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["mask.pt", "model.pt", "record.json"]
+    # checkpoint.pt: the finished run's small marker (cbs prune --resume returns its record, engine/resume.py)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "mask.pt", "model.pt", "record.json"]
     assert not leftover.exists()
 
 
@@ -110,7 +111,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(_prune(tmp_path / "run")) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"cbs prune: interrupted; {tmp_path / 'run'} holds what was complete before "
-                                        "(outputs are written as a whole)"]
+                                        "(outputs are written as a whole; a multi-stage or layer-wise run continues "
+                                        "from its last stage or layer with --resume)"]
 
 
 def test_an_unknown_solver_parameter_of_cbs_solve_lists_the_solver_parameters(tmp_path, capsys):
