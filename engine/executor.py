@@ -53,6 +53,26 @@ def solve_task(solver: SubsetSolver, problem: BlockProblem, options: SolveOption
                         certify_time=options.certify_time)
 
 
+def remote_task(solver: SubsetSolver, problem: BlockProblem, options: SolveOptions,
+                warm_start: Any = None) -> tuple[SolveResult, Any]:
+    """:func:`solve_task` in a worker: the result without its weights, and the final support's exact update
+    (a :class:`~formulations.objective.SupportSolution`: weights and residual) that the check computed there,
+    which :func:`remember` puts into the caller's memo so that the driver's batched update reuses it (as it
+    does after a local solve) instead of solving it again, possibly in another order of float operations."""
+    options = dataclasses.replace(options, memo=UpdateMemo())
+    result = solve_task(solver, problem, options, warm_start)
+    solution = options.memo.get(problem, result.support)
+    result.weights = None
+    return result, solution
+
+
+def remember(problem: BlockProblem, options: SolveOptions, result: SolveResult, solution: Any) -> SolveResult:
+    """Put a worker's update of ``result``'s support into the caller's memo (``options.memo``), if any."""
+    if solution is not None and options.memo is not None:
+        options.memo.put(problem, result.support, solution)
+    return result
+
+
 def slowest_note(running: dict[Any, tuple[str, float]], now: float | None = None) -> str:
     """``"slowest: LABEL 12 s"`` for the task running longest (``running``: key → (label, start time))."""
     if not running:
@@ -75,10 +95,6 @@ class Executor:
         """The checked results of every block, in block order (``warm_starts``: a support or None per block,
         for solvers that take one)."""
         raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        """What the record says about where the blocks ran."""
-        return {"executor": self.name, "workers": self.workers}
 
 
 class LocalExecutor(Executor):
@@ -103,15 +119,13 @@ class LocalExecutor(Executor):
 _POOL_JOB: tuple[Any, list[BlockProblem], list[SolveOptions], list] | None = None
 
 
-def _pool_solve(i: int) -> tuple[int, SolveResult]:
+def _pool_solve(i: int) -> tuple[int, tuple[SolveResult, Any]]:
     import torch
 
     solver, problems, options, warm = _POOL_JOB  # type: ignore[misc]
     torch.set_num_threads(1)
     # an error of ours (one line, picklable) comes back instead of whatever the plug-in raised
-    result = solve_task(solver, problems[i], options[i], warm[i])
-    result.weights = None  # the driver's batched update recomputes them: nothing large travels back
-    return i, result
+    return i, remote_task(solver, problems[i], options[i], warm[i])
 
 
 class ProcessExecutor(Executor):
@@ -138,10 +152,10 @@ class ProcessExecutor(Executor):
                 while pending:
                     done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in done:
-                        i, result = future.result()
+                        i, (result, solution) = future.result()
                         pending.pop(future)
                         running.pop(future, None)
-                        results[i] = result
+                        results[i] = remember(problems[i], options[i], result, solution)
                         note_overshoot(solver, problems[i], result)
                         bar.update()
                     now = time.monotonic()

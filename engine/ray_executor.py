@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CBSError, InvalidOptionError
-from .executor import Executor, slowest_note, solve_task
+from .executor import Executor, remember, remote_task, slowest_note
 from .progress import ProgressBar, get_logger
 from .solve import note_overshoot
 
@@ -249,9 +249,7 @@ def _run_chunk(context_box: list, payload: bytes, refs_box: list[dict[int, Any]]
     out = []
     try:
         for i, problem, w in zip(indices, problems, warm):
-            result = solve_task(solver, problem, options[i], w)
-            result.weights = None  # the driver's batched update recomputes them
-            out.append(result)
+            out.append(remote_task(solver, problem, options[i], w))  # (result, the support's update)
     except CBSError as exc:
         return ("error", exc)  # ours, one line: raised again in the driver as it is, never retried
     return ("ok", out)
@@ -283,9 +281,6 @@ class RayExecutor(Executor):
         if self.workers > 1:
             return self.workers
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "ray_address": self.address, "slots": self.slots(), "last_call": self.last}
 
     def solve(self, solver, problems, options, desc="select", show=None, warm_starts=None):
         ray = self.ray
@@ -327,8 +322,8 @@ class RayExecutor(Executor):
                         raise (exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc) from None
                     if kind == "error":
                         raise value
-                    for i, result in zip(chunks[c], value):
-                        results[i] = result
+                    for i, (result, solution) in zip(chunks[c], value):
+                        results[i] = remember(problems[i], options[i], result, solution)
                         note_overshoot(solver, problems[i], result)
                     bar.update(len(chunks[c]))
                 bar.status(slowest_note(running))

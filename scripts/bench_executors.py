@@ -10,8 +10,9 @@ Runs (each one ``cbs prune`` in a subprocess, so that its memory is measured alo
   ``layer1`` (112 rows of 27 or 144 weights) with ``bnb`` capped at ``--max-nodes`` nodes per row (a cap in
   nodes, not seconds, so the answer does not depend on the machine's speed), sparsity 0.5;
 * ``multistage``: MLPNet, the recommendation at sparsity 0.9 (40 stages of 3 layer blocks, BatchNorm-free);
-* ``overhead``: ``cbs solve`` on a folder of ``--tiny`` tiny blocks (n = 16) with ``greedy``: the wall time of
-  the solve call less the solvers' own time, per block, is the executor's cost per block.
+* ``overhead``: ``--tiny`` tiny blocks (n = 16) with ``greedy``: each executor's time for them beyond their own
+  work (measured in this process) shared by its slots, per block; for Ray also with one block per task;
+* ``row_cost``: seconds per row at a 7B model's width (for the projection in docs/scaling.md).
 
 Peak memory is the largest sum, over the run's whole process tree (the driver, its forked workers, Ray's GCS,
 raylet and workers), of resident memory sampled every 0.2 s (shared pages, Ray's object store among them, count
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.records import environment, write_json_atomic  # noqa: E402
 
-ROW_PARAMS = "conv1,layer1.*.conv*"
+ROW_PARAMS = "conv1.weight,layer1.*.conv*.weight"
 
 
 def _tree_rss(root: int) -> float:
@@ -126,37 +127,57 @@ def bench_prune(kind: str, executors: list[str], workers: int, out: Path, data_d
     return rows
 
 
-def bench_overhead(executors: list[str], workers: int, out: Path, tiny: int, env: dict[str, str]) -> list[dict]:
-    from formulations.problem import BlockProblem
-    from engine.problem_io import save_problem
+_OVERHEAD = """
+import json, sys, time
+import numpy as np
+from engine import ray_executor
+from engine.executor import LocalExecutor, make_executor
+from engine.options import SolveOptions
+from engine.solvers.registry import get_solver
+from formulations.problem import BlockProblem
 
-    folder = out / "tiny_blocks"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(tiny):
-        path = folder / f"b{i:05d}.npz"
-        if not path.exists():
-            save_problem(path, BlockProblem(rng.standard_normal(16), 8, 0.1, factor=rng.standard_normal((24, 16)),
-                                            label=f"b{i}"))
+executor, workers, count, per_task = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+rng = np.random.default_rng(0)
+problems = [BlockProblem(rng.standard_normal(16), 8, 0.1, factor=rng.standard_normal((24, 16)), label=f"b{i}")
+            for i in range(count)]
+options = [SolveOptions(certify_time=0)] * count
+solver = get_solver("greedy")
+t = time.perf_counter()
+LocalExecutor().solve(solver, problems, options, show=False)
+work = time.perf_counter() - t  # the blocks' own work (solve, check, certificate) in this process
+t0 = time.perf_counter()
+pool = make_executor(executor, workers)
+t1 = time.perf_counter()
+if per_task:
+    ray_executor.TASKS_PER_SLOT = 10**9  # one block per task: the cost of a task itself
+calls = []
+for _ in range(2):  # the first call also starts the workers (they import torch and engine)
+    t = time.perf_counter()
+    pool.solve(solver, problems, options, show=False)
+    calls.append(time.perf_counter() - t)
+print(json.dumps({"work": work, "connect": t1 - t0, "calls": calls, "last": getattr(pool, "last", None)}))
+"""
+
+
+def bench_overhead(executors: list[str], workers: int, count: int, env: dict[str, str]) -> list[dict]:
+    """``count`` tiny blocks (n = 16, greedy): each executor's time beyond the blocks' own work shared by its
+    slots, per block; for Ray also with one block per task (the cost of a task)."""
     rows = []
-    for executor in executors:
-        # connect, then solve the folder twice: the first call also starts the workers (imports torch and engine)
-        code = ("import json,time; from engine.executor import make_executor; from engine.folder_solve import "
-                "solve_folder; t0=time.perf_counter(); "
-                f"pool=make_executor({executor!r}, {workers if executor == 'processes' else 1}); t1=time.perf_counter(); "
-                "out=[]\nfor _ in range(2):\n t=time.perf_counter(); "
-                f"r=solve_folder({str(folder)!r}, 'greedy', certify_time=0, executor=pool, show=False); "
-                "out.append((time.perf_counter()-t, sum(x['wall_time'] for x in r)))\n"
-                "print(json.dumps({'connect': t1-t0, 'calls': out, 'last': getattr(pool, 'last', None)}))")
-        wall, peak, stdout = _run([sys.executable, "-c", code], env)
+    cases = [(e, False) for e in executors] + ([("ray", True)] if "ray" in executors else [])
+    for executor, per_task in cases:
+        w = workers if executor == "processes" else 1
+        wall, peak, stdout = _run([sys.executable, "-c", _OVERHEAD, executor, str(w), str(count),
+                                   "1" if per_task else "0"], env)
         got = json.loads(stdout.strip().splitlines()[-1])
-        slots = workers if executor != "local" else 1
-        (first, _), (steady, solver) = got["calls"]
-        per_block = (steady - solver / slots) / tiny
-        rows.append({"run": "overhead", "executor": executor, "wall_seconds": wall, "connect_seconds": got["connect"],
-                     "first_call_seconds": first, "call_seconds": steady, "solver_seconds": solver, "blocks": tiny,
-                     "overhead_ms_per_block": 1e3 * per_block, "peak_tree_mib": peak, "ray_last_call": got["last"]})
-        print(f"overhead {executor}: {1e3 * per_block:.2f} ms per block", file=sys.stderr)
+        slots = 1 if executor == "local" else workers
+        first, steady = got["calls"]
+        per_block = (steady - got["work"] / slots) / count
+        label = executor + (" (1 block per task)" if per_task else "")
+        rows.append({"run": "overhead", "executor": label, "wall_seconds": wall, "connect_seconds": got["connect"],
+                     "first_call_seconds": first, "call_seconds": steady, "work_seconds": got["work"],
+                     "blocks": count, "overhead_ms_per_block": 1e3 * per_block, "peak_tree_mib": peak,
+                     "ray_last_call": got["last"]})
+        print(f"overhead {label}: {1e3 * per_block:.2f} ms per block", file=sys.stderr)
     return rows
 
 
@@ -204,9 +225,9 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| row cost, d_in = {r['d_in']} | {r['what']} | {r['seconds']:.3f} | – | – | – | {size} |")
             continue
         if r["run"] == "overhead":
-            note = (f"{r['blocks']} blocks; connect {r['connect_seconds']:.2f} s, first call {r['first_call_seconds']:.2f}"
-                    f" s, second call {r['call_seconds']:.2f} s (solvers {r['solver_seconds']:.2f} s): "
-                    f"**{r['overhead_ms_per_block']:.2f} ms per block**")
+            note = (f"{r['blocks']} blocks, their work {r['work_seconds']:.2f} s here; connect "
+                    f"{r['connect_seconds']:.2f} s, first call {r['first_call_seconds']:.2f} s, second "
+                    f"{r['call_seconds']:.2f} s: **{r['overhead_ms_per_block']:.2f} ms per block** beyond the work")
             lines.append(f"| overhead | {r['executor']} | {r['wall_seconds']:.1f} | – | {r['peak_tree_mib']:.0f} | – | "
                          f"{note} |")
             continue
@@ -237,7 +258,7 @@ def main() -> int:
     rows: list[dict] = []
     for run in args.runs:
         if run == "overhead":
-            rows += bench_overhead(args.executors, args.workers, args.out, args.tiny, env)
+            rows += bench_overhead(args.executors, args.workers, args.tiny, env)
         elif run == "row_cost":
             d_in, count, methods = args.row_cost
             rows += bench_row_cost(int(d_in), methods.split(","), int(count))

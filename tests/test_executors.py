@@ -85,6 +85,7 @@ def test_layerwise_rows_give_the_same_result_on_every_executor(trained, ray_clus
 @pytest.mark.parametrize("method, names, block_mode, stages", [
     ("swap", ["fc2.weight", "fc3.weight"], "row", 2),
     ("cbs", ["fc3.weight"], "layer", 1),  # its mask choice calls the model's loss: the model travels too
+    ("magnitude", ["fc2.weight", "fc3.weight"], "whole", 2),  # the update of its support is the check's, remotely
 ])
 def test_fisher_blocks_give_the_same_result_on_every_executor(trained, ray_cluster, method, names, block_mode,
                                                                stages):
@@ -93,15 +94,19 @@ def test_fisher_blocks_give_the_same_result_on_every_executor(trained, ray_clust
     for executor in ("local", "processes", "ray"):
         m = copy.deepcopy(model)
         config = PruneConfig(sparsity=0.7, method=method, fisher_samples=128, block_mode=block_mode, stages=stages,
-                             executor=executor, workers=2 if executor == "processes" else 1, seed=3)
+                             executor=executor, workers=2 if executor == "processes" else 1, seed=3, update=True,
+                             certify_time=0)
         runs.append((m, prune(m, names, (x, y), config)))
     (m0, r0) = runs[0]
     for m, r in runs[1:]:
         for n in names:
             assert torch.equal(r.masks[n], r0.masks[n])
         for k, v in m.state_dict().items():
-            assert torch.allclose(v, m0.state_dict()[k], rtol=0, atol=1e-6), k
-        assert [b.objective for b in r.blocks] == pytest.approx([b.objective for b in r0.blocks], rel=1e-9)
+            assert torch.equal(v, m0.state_dict()[k]), k
+        # objectives: to the last bits of the BLAS thread count (Ray's workers run one thread, this process more)
+        assert [b.objective for b in r.blocks] == pytest.approx([b.objective for b in r0.blocks], rel=1e-12)
+        assert [s.objective_total for s in r.stages] == pytest.approx([s.objective_total for s in r0.stages],
+                                                                      rel=1e-12)
 
 
 def _chunk_workers() -> list[int]:
