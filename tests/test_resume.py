@@ -53,10 +53,23 @@ def _fisher(spec, out, *extra):
             "--fisher-samples", "32", "--fisher-batch", "4", *FAST, "--out", str(out), *extra]
 
 
-def _layerwise(out, *extra):
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    """The example's digits MLP, trained here (the repository holds no .pt file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_mlp_example", EXAMPLE / "digits_mlp.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    path = tmp_path_factory.mktemp("digits") / "digits_mlp.pt"
+    assert example.main(["--out", str(path), "--steps", "300"]) == 0
+    return path
+
+
+def _layerwise(out, checkpoint, *extra):
     spec = EXAMPLE / "digits_mlp.py"
     return ["prune", "--model", f"{spec}:model", "--data", f"{spec}:data", "--checkpoint",
-            str(EXAMPLE / "digits_mlp.pt"), "--objective", "reconstruction", "--sparsity", "0.6",
+            str(checkpoint), "--objective", "reconstruction", "--sparsity", "0.6",
             "--calibration-samples", "64", "--params", "0.weight,4.weight", *FAST, "--out", str(out), *extra]
 
 
@@ -123,16 +136,17 @@ def test_a_multistage_run_resumed_after_a_stage_is_the_uninterrupted_run(tmp_pat
 
 @pytest.mark.parametrize("extra", [("--method", "greedy"), ("--method", "greedy", "--no-sequential", "--allocation",
                                                              "loss_curve")], ids=["sequential", "dense-loss-curve"])
-def test_a_layerwise_run_resumed_after_a_layer_is_the_uninterrupted_run(tmp_path, capsys, monkeypatch, extra):
+def test_a_layerwise_run_resumed_after_a_layer_is_the_uninterrupted_run(tmp_path, capsys, monkeypatch, extra,
+                                                                       digits_checkpoint):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(_layerwise(whole, *extra)) == 0
+    assert main(_layerwise(whole, digits_checkpoint, *extra)) == 0
     with monkeypatch.context() as m:
         _interrupt_at(m, 1)
-        assert main(_layerwise(cut, *extra)) == 130
+        assert main(_layerwise(cut, digits_checkpoint, *extra)) == 130
     state = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert state["unit"] == "layer" and state["done"] == 1 and list(state["tensors"]["masks"]) == ["0.weight"]
     capsys.readouterr()
-    assert main(_layerwise(cut, *extra, "--resume")) == 0
+    assert main(_layerwise(cut, digits_checkpoint, *extra, "--resume")) == 0
     _assert_same_run(whole, cut)
 
 
