@@ -101,9 +101,13 @@ def connect(address: str | None, where: str, num_cpus: int | None = None) -> Any
     try:
         ray.init(address=address, logging_level="WARNING")
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
+        import os
+
+        hint = ("" if os.environ.get("RAY_AUTH_MODE") else " A cluster started with `ray start` asks for a token "
+                "(Ray >= 2.59): set RAY_AUTH_MODE=token here, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token.")
         raise InvalidOptionError(f"The '{_flag(where)}' argument of {where} must be a Ray cluster this process can "
-                                 f"join. Got {address or 'none (a new local instance)'!r}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+                                 f"join. Got {address!r}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.{hint}") from None
     return ray
 
 

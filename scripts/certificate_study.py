@@ -13,7 +13,8 @@ each budget:
 true gap = (E − E*)/E and certified gap = (E − LB)/E (the unit `cbs` reports), so certified − true =
 (E* − LB)/E ≥ 0.
 
-    python scripts/certificate_study.py --blocks results/certificate_blocks/* --out results/certificate_study
+    python scripts/certificate_study.py --blocks results/certificate_blocks/* --out results/certificate_study \
+        [--executor processes --workers 2]
 
 Writes ``OUT/records.jsonl`` (one line per block, sparsity and method; runs already recorded are skipped,
 so an interrupted study resumes), ``OUT/summary.md`` and ``OUT/certified_minus_true.png``.
@@ -41,7 +42,9 @@ from engine.options import SolveOptions  # noqa: E402
 from engine.problem_io import load_problem  # noqa: E402
 from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl  # noqa: E402
 from engine.result import Status  # noqa: E402
+from engine.executor import EXECUTORS, make_executor  # noqa: E402
 from engine.solve import solve_block  # noqa: E402
+from engine.solvers.registry import get_solver  # noqa: E402
 from formulations.objective import dual_bound, optimal_update, relative_gap  # noqa: E402
 
 METHODS = ["magnitude", "woodfisher", "greedy", "cbs", "iht", "swap", "admm"]
@@ -53,13 +56,14 @@ def _budget(text: str):
     return text if text in ("old", "auto") else BUDGET(text)
 
 
-def _run_block(path: Path, sparsity: float | None, args, done: set, out_path: Path, env: dict) -> None:
+def _answers(path: Path, sparsity: float | None, args, done: set):
+    """(problem, methods still to record, {method: (support, E, seconds)}) of one block at one sparsity, or
+    None when every method is recorded already."""
     base = load_problem(path)
     problem = base if sparsity is None else base.with_n_keep(max(1, int(round((1 - sparsity) * base.n))))
-    source = path.parent.name
     methods = PATTERN_METHODS if problem.pattern is not None else args.methods
     if all((str(path), sparsity, m) in done for m in methods):
-        return
+        return None
     answers = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -67,8 +71,29 @@ def _run_block(path: Path, sparsity: float | None, args, done: set, out_path: Pa
             t0 = time.perf_counter()
             r = solve_block(problem, m, SolveOptions(certify_time=0, seed=0))
             answers[m] = (r.support, r.objective, time.perf_counter() - t0)
-        warm = min(answers.values(), key=lambda a: a[1])[0]
-        ref = solve_block(problem, "bnb", SolveOptions(time_limit=args.reference_time_limit), warm_start=warm)
+    return problem, answers
+
+
+def _run_blocks(items: list, args, done: set, out_path: Path, env: dict) -> None:
+    """Every (path, sparsity) of ``items``: the heuristics here, the reference bnb of all of them at once on
+    ``--executor`` (warm-started at each block's best heuristic answer), then the certificates here (their
+    budgets are seconds of this process) and one record per method."""
+    pending = [(path, s, got) for path, s in items if (got := _answers(path, s, args, done)) is not None]
+    if not pending:
+        return
+    problems = [got[0] for _, _, got in pending]
+    warm = [min(got[1].values(), key=lambda a: a[1])[0] for _, _, got in pending]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs = args.pool.solve(get_solver("bnb"), problems,
+                               [SolveOptions(time_limit=args.reference_time_limit)] * len(problems),
+                               "reference bnb", warm_starts=warm)
+    for (path, sparsity, (problem, answers)), ref in zip(pending, refs):
+        _record(path, sparsity, problem, answers, ref, args, done, out_path, env)
+
+
+def _record(path, sparsity, problem, answers, ref, args, done, out_path, env) -> None:
+    source = path.parent.name
     proven = ref.status == Status.OPTIMAL
     for m, (S, E, seconds) in answers.items():
         if (str(path), sparsity, m) in done:
@@ -245,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recertify", nargs="+", type=_budget, default=None, metavar="BUDGET",
                     help="recompute these budgets' certificates of the recorded answers (after a change to the "
                          "certificate), keeping the optimum and the other budgets; rewrites OUT/records.jsonl")
+    ap.add_argument("--executor", choices=EXECUTORS, default=None,
+                    help="where the reference bnb solves run (default: processes with --workers > 1, else here)")
+    ap.add_argument("--workers", type=number_type(int, 1, what="an integer >= 1"), default=1)
+    ap.add_argument("--ray-address", default=None, help="the Ray cluster to join with --executor ray")
+    ap.add_argument("--batch", type=number_type(int, 1, what="an integer >= 1"), default=32,
+                    help="blocks x sparsities whose references are solved together")
     args = ap.parse_args(argv)
+    args.pool = make_executor(args.executor, args.workers, args.ray_address, "certificate_study.py")
     args.out.mkdir(parents=True, exist_ok=True)
     out_path = args.out / "records.jsonl"
     records = read_jsonl(out_path) if out_path.exists() else []
@@ -258,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             files = sorted(folder.glob("*.npz"))
             if args.max_blocks is not None and len(files) > args.max_blocks:
                 files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, args.max_blocks).round().astype(int))]
-            for i, path in enumerate(files):
-                pattern_block = load_problem(path).pattern is not None
-                for s in ([None] if pattern_block else args.sparsities):
-                    _run_block(path, s, args, done, out_path, env)
-                print(f"{folder.name}: {i + 1}/{len(files)} blocks", file=sys.stderr, flush=True)
+            items = [(path, s) for path in files
+                     for s in ([None] if load_problem(path).pattern is not None else args.sparsities)]
+            for start in range(0, len(items), args.batch):  # records are appended batch by batch (resumable)
+                _run_blocks(items[start : start + args.batch], args, done, out_path, env)
+                print(f"{folder.name}: {min(start + args.batch, len(items))}/{len(items)} blocks x sparsities",
+                      file=sys.stderr, flush=True)
         records = read_jsonl(out_path)
     budgets = [str(b) for b in args.budgets]
     text = summarize(records, budgets)
