@@ -185,7 +185,10 @@ def make_executor(executor: Any = None, workers: int = 1, ray_address: str | Non
     if kind is None:
         kind = "processes" if workers > 1 else "local"
     if ray_address is not None and kind != "ray":
-        raise invalid_option("ray_address", where, "None unless executor is 'ray'", repr(ray_address))
+        cli = not where.endswith(")")  # the command line names its flags
+        raise invalid_option("--ray-address" if cli else "ray_address", where,
+                             "given only with --executor ray" if cli else "None unless executor is 'ray'",
+                             repr(ray_address))
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "processes":

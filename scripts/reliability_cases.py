@@ -148,6 +148,10 @@ TRAIN = ["train", "--model", "mlpnet", "--mask", "random", "--sparsity", "0.9", 
 PRUNE = ["prune", "--model", "mlpnet", "--sparsity", "0.5", "--method", "magnitude", "--no-progress"]
 
 
+def _finished_prune(t: Path, d: Path) -> None:
+    _run([*PRUNE, "--stages", "2", "--data-dir", str(d), "--out", str(t / "prun")], t)
+
+
 def cases() -> list[Case]:
     tr = lambda *a: [*TRAIN, "--data-dir", "{D}", *a]  # noqa: E731
     return [
@@ -204,6 +208,15 @@ def cases() -> list[Case]:
              ["solve", "{T}/ok.npz", "--solver", "sleeper", "--time-limit", "0.1"], _problems, runner="plugins",
              test="tests/test_plugin_trust.py"),
         Case("17", "an unknown --solver", ["solve", "{T}/ok.npz", "--solver", "nope"], _problems),
+        Case("23", "cbs prune --resume of a 2-stage run with another sparsity",
+             [*PRUNE[:4], "0.6", *PRUNE[5:], "--stages", "2", "--data-dir", "{D}", "--out", "{T}/prun", "--resume"],
+             _finished_prune, test="test_a_changed_run_is_refused_naming_each_difference"),
+        Case("23", "an unreachable --ray-address", [*PRUNE, "--executor", "ray", "--ray-address", "127.0.0.1:1",
+                                                    "--data-dir", "{D}", "--out", "{T}/o23"],
+             test="test_an_unreachable_ray_address_is_one_clear_error_before_any_work"),
+        Case("23", "--ray-address without --executor ray", [*PRUNE, "--ray-address", "127.0.0.1:6379", "--data-dir",
+                                                             "{D}", "--out", "{T}/o23b"],
+             test="test_a_ray_address_without_ray_is_refused_naming_the_flags"),
     ]
 
 

@@ -250,6 +250,13 @@ def test_bad_executor_settings_are_refused(kwargs, match):
         make_executor(kwargs.pop("executor", None), where="t()", **kwargs)
 
 
+def test_a_ray_address_without_ray_is_refused_naming_the_flags(tmp_path, capsys):
+    code = main(["prune", "--model", "mlpnet", "--sparsity", "0.5", "--ray-address", "127.0.0.1:6379",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "'--ray-address' argument of cbs prune must be given only with --executor ray" in capsys.readouterr().err
+
+
 def test_the_default_executor_follows_workers():
     assert isinstance(make_executor(None, 1), LocalExecutor)
     assert isinstance(make_executor(None, 3), ProcessExecutor) and make_executor(None, 3).workers == 3
