@@ -20,14 +20,14 @@ from torch import nn
 
 from .config import PruneConfig
 from .data import fast_layout
-from .errors import invalid_option
+from .errors import InvalidOptionError, invalid_option
 from .evaluate import eval_mode, reestimate_batchnorm_batches
 from .losses import batch_loss_sum, cross_entropy, top1_accuracy
 from .masking import make_permanent
 from .params import select_parameters
 from .progress import get_logger, progress
 from .pruner import check_prune_inputs, prune
-from .recommend import as_dict, describe, profile_of, recommend
+from .recommend import PAPER, as_dict, describe, profile_of, recommend
 from .reconstruction import (RECONSTRUCTION_METHOD, check_reconstruction_inputs,
                              prune_reconstruction)
 from .records import environment, to_jsonable, write_folder_atomic
@@ -165,6 +165,13 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
         names, transposed = select_parameters(model, params)
     x, _ = train.first()
     profile = profile_of(model, names, len(train), x.ndim)
+    preset = PAPER[profile.kind].get("params")
+    if settings.get("method") == "cbs" and params is None and preset is not None:
+        try:  # the paper's method prunes the paper's parameters where the model has that preset (ResNet20)
+            names, transposed = select_parameters(model, preset)
+            profile = profile_of(model, names, len(train), x.ndim)
+        except InvalidOptionError:
+            pass
     rec = recommend(profile, sparsity, settings.get("method"))
     if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
         rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",

@@ -13,8 +13,8 @@ The recommendation depends on properties of the model and the data, never on the
 With no method named, the recommendation is our best measured configuration (docs/results.md): multi-stage
 pruning by magnitude with the CBS-U update, the first-order term and the step search (the zoo's MLPNet is a
 "small" model, ResNet20 a "batchnorm" one, so their measured settings are the table's rows). Naming a method
-gives the paper-style single stage :data:`PLAIN`. :data:`PAPER` holds the CBS paper's settings per profile (used
-by ``scripts/reproduce.py``).
+gives the paper-style single stage :data:`PLAIN`; naming ``cbs`` gives the CBS paper's setting for the profile
+(:data:`PAPER` with :data:`PAPER_CBS`, the setting ``scripts/reproduce.py`` runs as ``cbs``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from .errors import invalid_option
 
 __all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "fit",
-           "PLAIN", "PAPER", "RECIPES", "STAGES", "WHOLE_MAX"]
+           "PLAIN", "PAPER", "PAPER_CBS", "RECIPES", "STAGES", "WHOLE_MAX"]
 
 #: the most prunable weights of a model pruned as one whole-network block (MLPNet: 32,360)
 WHOLE_MAX = 100_000
@@ -65,6 +65,15 @@ PAPER: dict[str, dict[str, Any]] = {
     "small": dict(fisher_samples=10000, damping=1e-3, block_mode="whole"),
     "large": dict(fisher_samples=1000, damping=1e-5, block_mode="layer"),
     "batchnorm": dict(fisher_samples=1000, damping=1e-5, block_mode="layer", params="cbs"),
+}
+
+#: naming the paper's method gives the paper's setting: ``--method cbs`` is :data:`PAPER` over :data:`PLAIN`,
+#: with the CBS-U update and, for BatchNorm models, the loss samples and random-mask trials of the sweeps
+#: (``scripts/reproduce.py`` runs its ``cbs`` rows with exactly these)
+PAPER_CBS: dict[str, dict[str, Any]] = {
+    "small": dict(update=True),
+    "large": dict(update=True),
+    "batchnorm": dict(update=True, loss_samples=200, solver_params={"rmp_trials": 10}),
 }
 
 
@@ -120,6 +129,8 @@ def recommend(profile: Profile, sparsity: float, method: Any = None) -> dict[str
         settings = {**RECIPES[kind], **by_sparsity}
     else:
         settings = {**PLAIN, "method": method}
+        if method == "cbs":  # the paper's method: the paper's setting (the parameter preset is the caller's)
+            settings.update({k: v for k, v in PAPER[kind].items() if k != "params"}, **PAPER_CBS[kind])
     settings = fit(settings, profile.n_train)
     settings["bn_reestimate"] = profile.has_batchnorm and method is None
     settings["bn_augment"] = "crop-flip" if profile.image_inputs else "none"

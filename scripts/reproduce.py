@@ -53,7 +53,7 @@ import torch
 
 from engine.cli import POSITIVE_INT, parse_value
 from engine.data import dataset_for_model, default_data_dir
-from engine.recommend import PAPER, recommended
+from engine.recommend import PAPER, PAPER_CBS, recommended
 from engine.errors import CBSError
 from engine.evaluate import evaluate
 from engine.models import DEFAULT_CHECKPOINTS as CHECKPOINTS
@@ -95,8 +95,7 @@ CONFIGS: dict[str, dict[str, tuple[Any, str]]] = {
     model: {
         "magnitude": (dict(method="magnitude", update=False), "one"),
         "woodfisher": (dict(method="woodfisher", update=False), "one"),
-        "cbs": (dict(method="cbs", update=True, **({} if model == "mlpnet" else
-                                                    dict(loss_samples=200, solver_params={"rmp_trials": 10}))), "all"),
+        "cbs": (dict(method="cbs", **PAPER_CBS["small" if model == "mlpnet" else "batchnorm"]), "all"),
         "magnitude+update": (dict(method="magnitude", update=True), "one"),
         "woodfisher+update": (dict(method="woodfisher", update=True), "one"),
         "iht": (dict(method="iht", update=True, time_limit=60.0), "one"),

@@ -653,3 +653,21 @@ def test_resnet20_recommendation_doubles_its_gradient_rows_from_0_8_and_fits_the
         with pytest.raises(InvalidOptionError, match="'loss_samples'"):
             check_prune_inputs(model, names, rec["fisher_samples"] * rec["fisher_batch"] + 999,
                                PruneConfig(sparsity=sparsity, **rec))
+
+
+def test_naming_cbs_gives_the_papers_setting():
+    """--method cbs is the CBS paper's setting for the profile; another method the plain single stage."""
+    from engine.pipeline import prepare
+    from engine.recommend import PAPER, PAPER_CBS, PLAIN, Profile, recommend
+
+    small = recommend(Profile(32360, False, 60000, True), 0.9, "cbs")
+    assert (small["fisher_samples"], small["damping"], small["block_mode"], small["update"]) == (10000, 1e-3, "whole",
+                                                                                                 True)
+    other = recommend(Profile(32360, False, 60000, True), 0.9, "woodfisher")
+    assert (other["fisher_samples"], other["block_mode"]) == (PLAIN["fisher_samples"], PLAIN["block_mode"])
+    net, data = _bn_net_and_data()
+    run = prepare(net, data, sparsity=0.5, settings={"method": "cbs", "fisher_samples": 64})
+    paper = {**PAPER["batchnorm"], **PAPER_CBS["batchnorm"]}
+    assert (run.config.damping, run.config.block_mode, run.config.loss_samples, run.config.solver_params) == \
+        (paper["damping"], paper["block_mode"], paper["loss_samples"], paper["solver_params"])
+    assert run.bn is None and run.config.stages == 1  # the paper judges without re-estimation

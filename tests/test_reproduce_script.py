@@ -194,3 +194,15 @@ def test_rejects_bad_jobs(tmp_path, capsys):
         reproduce.main(["--model", "mlpnet", "--data-dir", str(tmp_path), "--jobs", "0", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["mlpnet", "resnet20"])
+def test_the_sweeps_cbs_row_is_what_cbs_prune_method_cbs_runs(model):
+    """One setting for the paper's method: the sweep's `cbs` runs and `cbs prune --method cbs` (the
+    recommendation for the zoo model's profile with the method named) agree on every setting they both set."""
+    from engine.recommend import _ZOO_PROFILES, recommend
+
+    rec = recommend(_ZOO_PROFILES[model], 0.7, "cbs")
+    rec.pop("bn_augment"), rec.pop("bn_reestimate")
+    config = reproduce.run_config(model, "cbs", 0.7, 0, {})
+    assert {k: getattr(config, k) for k in rec} == rec
