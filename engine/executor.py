@@ -37,7 +37,7 @@ from .result import SolveResult
 from .solve import call_solver, check_result, note_overshoot
 from .solvers.base import SubsetSolver
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "ProcessExecutor", "make_executor", "solve_blocks", "solve_task"]
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "ProcessExecutor", "make_executor", "solve_task"]
 
 #: the executors by name (the option ``executor``)
 EXECUTORS = ("local", "processes", "ray")
@@ -169,7 +169,7 @@ class ProcessExecutor(Executor):
 
 
 def make_executor(executor: Any = None, workers: int = 1, ray_address: str | None = None,
-                  where: str = "solve_blocks()") -> Executor:
+                  where: str = "make_executor()") -> Executor:
     """The executor named ``executor`` (``local``, ``processes`` or ``ray``; None: ``processes`` when
     ``workers > 1``, else ``local``), or ``executor`` itself when it is an :class:`Executor`. Checked before
     any work: every argument by the option table's definition; ``ray`` imports Ray (else an error naming the
@@ -197,9 +197,3 @@ def make_executor(executor: Any = None, workers: int = 1, ray_address: str | Non
 
     return RayExecutor(workers, ray_address, where)
 
-
-def solve_blocks(solver: SubsetSolver, problems: list[BlockProblem], options: list[SolveOptions], workers: int = 1,
-                 desc: str = "select", show: bool | None = None, executor: Any = None) -> list[SolveResult]:
-    """Solve and check every block (:func:`solve_task`) with ``executor`` (see :func:`make_executor`);
-    results in block order, each with its wall time and time-limit overshoot."""
-    return make_executor(executor, workers).solve(solver, problems, options, desc, show)

@@ -36,55 +36,28 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", en
     try:
         from tqdm.auto import tqdm  # noqa: PLC0415 - optional (the ``progress`` extra)
     except ImportError:
-        yield from _fallback(iterable, total, desc)
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        with ProgressBar(total, desc, True) as bar:  # the built-in line (tqdm is not there)
+            for item in iterable:
+                yield item
+                bar.update()
         return
     with tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
         yield from bar
 
 
-def _fallback(iterable: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
-    """The built-in bar: ``desc: i/total`` on one stderr line, rewritten with ``\\r``, cleared at the end."""
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    stream = sys.stderr
-    prefix = f"{desc}: " if desc else ""
-    width = 0
-    last = 0.0
-
-    def show(i: int, force: bool = False) -> None:
-        nonlocal width, last
-        now = time.monotonic()
-        if not force and now - last < 0.1:  # at most ~10 redraws a second
-            return
-        last = now
-        line = f"{prefix}{i}/{total}" if total is not None else f"{prefix}{i}"
-        width = max(width, len(line))
-        stream.write("\r" + line.ljust(width))
-        stream.flush()
-
-    i = 0
-    show(0, force=True)
-    try:
-        for item in iterable:
-            yield item
-            i += 1
-            show(i)
-        show(i, force=True)
-    finally:
-        stream.write("\r" + " " * width + "\r")  # leave=False, like the tqdm bar
-        stream.flush()
-
-
-
 class ProgressBar:
     """A bar driven by hand, for work whose items finish out of order (executors): ``update(n)`` counts
     finished items, ``status(text)`` shows a short note after the count (e.g. the slowest running task).
-    Same switches as :func:`progress`; a no-op when off. Use as a context manager."""
+    Same switches as :func:`progress`; a no-op when off. Use as a context manager. Without tqdm it is the
+    built-in bar: ``desc: done/total  note`` on one stderr line, rewritten with ``\\r`` at most ~10 times a
+    second, shown once more with the final count and cleared at the end (``leave=False``, like tqdm's)."""
 
-    def __init__(self, total: int, desc: str = "", enabled: bool | None = None) -> None:
+    def __init__(self, total: int | None, desc: str = "", enabled: bool | None = None) -> None:
         self.total, self.desc, self.done, self.note = total, desc, 0, ""
         self._on = _wanted(enabled)
         self._bar = None
@@ -118,7 +91,8 @@ class ProgressBar:
         if not force and now - self._last < 0.1:
             return
         self._last = now
-        line = f"{self.desc}: {self.done}/{self.total}" + (f"  {self.note}" if self.note else "")
+        count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
+        line = (f"{self.desc}: " if self.desc else "") + count + (f"  {self.note}" if self.note else "")
         self._width = max(self._width, len(line))
         sys.stderr.write("\r" + line.ljust(self._width))
         sys.stderr.flush()
@@ -128,6 +102,7 @@ class ProgressBar:
             self._bar.close()
             self._bar = None
         elif self._on and self._width:
+            self._draw(force=True)  # the final count, then the line cleared
             sys.stderr.write("\r" + " " * self._width + "\r")
             sys.stderr.flush()
             self._width = 0

@@ -28,8 +28,10 @@ instance on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+import os
 import pickle
 import socket
 import time
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CBSError, InvalidOptionError
+from .errors import CBSError, InvalidOptionError, first_line
 from .executor import Executor, remember, remote_task, slowest_note
 from .progress import ProgressBar, get_logger
 from .solve import note_overshoot
@@ -90,8 +92,6 @@ def connect(address: str | None, where: str, num_cpus: int | None = None) -> Any
         _probe(address, where)
     if ray.is_initialized():
         return ray
-    import os
-
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
     if address in (None, "local"):
@@ -101,13 +101,10 @@ def connect(address: str | None, where: str, num_cpus: int | None = None) -> Any
     try:
         ray.init(address=address, logging_level="WARNING")
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
-        import os
-
         hint = ("" if os.environ.get("RAY_AUTH_MODE") else " A cluster started with `ray start` asks for a token "
                 "(Ray >= 2.59): set RAY_AUTH_MODE=token here, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token.")
         raise InvalidOptionError(f"The '{_flag(where)}' argument of {where} must be a Ray cluster this process can "
-                                 f"join. Got {address!r}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.{hint}") from None
+                                 f"join. Got {address!r}: {first_line(exc)}.{hint}") from None
     return ray
 
 
@@ -133,7 +130,7 @@ def start_local(num_cpus: int | None = None, object_store_memory: int | None = N
                  include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
     except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError, ValueError, ... when it cannot start
         raise InvalidOptionError(f"The 'executor' argument of {where} is 'ray', and a local Ray instance could not "
-                                 f"start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+                                 f"start: {first_line(exc)}.") from None
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = loopback
     return ray
@@ -274,7 +271,7 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, workers: int = 1, address: str | None = None, where: str = "solve_blocks()") -> None:
+    def __init__(self, workers: int = 1, address: str | None = None, where: str = "make_executor()") -> None:
         super().__init__(workers)
         self.address = address
         self.ray = connect(address, where, num_cpus=workers if workers > 1 else None)
@@ -296,7 +293,8 @@ class RayExecutor(Executor):
         order = sorted(range(n), key=lambda i: -problems[i].n)  # largest first
         size = max(1, math.ceil(n / (TASKS_PER_SLOT * slots)))
         chunks = [order[s : s + size] for s in range(0, n, size)]
-        job = (solver, [o if o.memo is None else _without_memo(o) for o in options])
+        # a memo is the caller's, in this process (a worker's task makes its own: remote_task)
+        job = (solver, [o if o.memo is None else dataclasses.replace(o, memo=None) for o in options])
         send_user_code_by_value(job)
         context = ray.put(job)
         packer = _Packer(ray)
@@ -338,8 +336,3 @@ class RayExecutor(Executor):
                  packer.bytes_shared / 1e6, payload_bytes / 1e3, self.last["seconds"])
         return results
 
-
-def _without_memo(options):
-    import dataclasses
-
-    return dataclasses.replace(options, memo=None)  # a memo is the caller's, in this process

@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from .progress import get_logger
 from .records import write_folder_atomic
 
 __all__ = ["MARKER", "EXECUTION_ONLY", "StageProgress", "LayerProgress", "Book", "check_folder", "open_book",
-           "run_identity", "weights_sha1", "read_checkpoint"]
+           "run_identity", "weights_sha1", "read_checkpoint", "differences"]
 
 log = get_logger(__name__)
 
@@ -155,7 +155,9 @@ def run_identity(run: Any) -> dict[str, Any]:
     return json.loads(_dumps({**settings, **inputs, "weights_sha1": weights_sha1(run.model)}))
 
 
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The settings (``name was X, now Y``) in which a resumed run differs from the one it started with
+    (``cbs prune --resume`` here, ``cbs train --resume`` in :mod:`engine.training`)."""
     return [f"the starting weights differ (sha1 {saved.get(k)}, now {now.get(k)})" if k == "weights_sha1" else
             f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
@@ -290,7 +292,7 @@ def open_book(run: Any, out: str | os.PathLike | None, resume: bool = False) -> 
         return Book(run, out)
     saved = read_checkpoint(path)
     book = Book(run, out, saved)
-    diff = _differences(saved["identity"], book.identity)
+    diff = differences(saved["identity"], book.identity)
     if diff:
         raise InvalidOptionError(f"Cannot resume the run in '{out}': it started with other settings ("
                                  f"{'; '.join(diff)}). Resume with the settings it started with, or start afresh "

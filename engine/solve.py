@@ -1,7 +1,7 @@
 """Solve one block under the contract and check the answer (DESIGN.md §3): plug-ins are checked, not trusted.
 
 :func:`solve_block` is what the CLI and the tests call; the pruner runs the same steps through
-:func:`engine.executor.solve_blocks` and :func:`check_result`.
+:func:`engine.executor.solve_task` (on the run's executor) and :func:`check_result`.
 
 **The call** (:func:`call_solver`). A solver that raises becomes one :class:`SolverCallError` naming the
 solver, the block and the error (the original is chained as ``__cause__``); so does a solver that returns

@@ -46,6 +46,7 @@ from .evaluate import evaluate
 from .ghost import GhostSkip, SoftNeurons, anneal_progress
 from .progress import get_logger, progress
 from .records import environment, to_jsonable, write_folder_atomic
+from .resume import differences
 from .train_config import RECIPES, TrainConfig, with_overrides
 
 __all__ = ["RECIPES", "TrainConfig", "train", "rescale_init", "apply_masks", "count_parameters", "with_overrides"]
@@ -294,8 +295,7 @@ def _differences(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> lis
     """The settings (``name was X, now Y``) in which a resumed run differs from the one it started with."""
     if saved is None:
         return ["the checkpoint has no record of its settings (written by an older cbs)"]
-    return [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    return differences(saved, now)
 
 
 def _train(model: nn.Module, masks: dict[str, torch.Tensor], train_data: tuple[torch.Tensor, torch.Tensor],
