@@ -26,7 +26,7 @@ __all__ = ["prune_model"]
 
 def prune_model(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, loss: Callable = cross_entropy,
                 metric: Callable = top1_accuracy, params: str | list[str] | None = None,
-                bn_reestimate: bool | None = None, bn_samples: int = 10000, out: str | None = None,
+                bn_reestimate: bool | None = None, bn_samples: int = 4000, out: str | None = None,
                 cache: dict | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
     """Prune ``model`` to ``sparsity`` with the recommended pipeline; the record (as ``cbs prune`` writes it).
 

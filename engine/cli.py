@@ -251,7 +251,7 @@ def _prune_in(args: argparse.Namespace, out: Path, started: float) -> int:
 
     # where the blocks run, checked (and a Ray cluster joined) before the model and data are read
     make_executor(settings.get("executor"), settings.get("workers", 1), settings.get("ray_address"), "cbs prune")
-    job = {k: settings.pop(k) for k in ("bn_samples", "bn_augment") if k in settings}
+    job = {k: settings.pop(k) for k in ("bn_samples", "bn_augment", "stage_test") if k in settings}
     user = load_model_spec(args.model, args.checkpoint, data_dir)
     train, test, data_text = load_data_spec(args.data, user, data_dir)
     loss, loss_name = load_loss_spec(args.loss, user, "loss")

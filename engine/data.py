@@ -1,7 +1,8 @@
 """Loaders of the experiment data sets, returned as normalised torch tensors.
 
 * MNIST (IDX ``.gz`` files): images (N, 1, 28, 28) float32, (x/255 - 0.1307)/0.3081.
-* CIFAR-10 (``.npz``: the full test set, a balanced 10k training subset): images (N, 3, 32, 32)
+* CIFAR-10 (``.npz``: the full test set, the full 50k training set, a balanced 10k subset of it for quick
+  runs): images (N, 3, 32, 32)
   float32, (x/255 - 0.5)/0.5 per channel, which is what the shared ResNet20 checkpoint needs.
 * 8x8 digits (shipped inside the package): features (N, 64) float32 in [0, 1].
 
@@ -46,6 +47,8 @@ __all__ = [
 #: Environment variable that overrides the shared data directory.
 DATA_DIR_ENV = "CBS_DATA_DIR"
 SPLITS: tuple[str, ...] = ("train", "test")
+#: CIFAR-10 also has "train-10k", the balanced 10,000-image subset of the training set (quick runs and tests)
+CIFAR10_SPLITS: tuple[str, ...] = ("train", "train-10k", "test")
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # The ResNet20 checkpoint was trained with mean = std = 0.5 per channel, not the usual CIFAR
@@ -56,7 +59,7 @@ _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_CIFAR10_FILES = {"train": "cifar10_train_10k.npz", "test": "cifar10_test.npz"}
+_CIFAR10_FILES = {"train": "cifar10_train.npz", "train-10k": "cifar10_train_10k.npz", "test": "cifar10_test.npz"}
 _DIGITS_ROWS = 1797
 
 
@@ -101,9 +104,10 @@ def _require_file(path: Path, what: str) -> Path:
     raise DataNotFoundError(f"The {what} file '{path}' does not exist. {hint}")
 
 
-def _check_split(split: str, where: str) -> str:
-    if split not in SPLITS:
-        raise invalid_option("split", where, "'train' or 'test'", repr(split))
+def _check_split(split: str, where: str, allowed: tuple[str, ...] = SPLITS) -> str:
+    if split not in allowed:
+        names = [repr(a) for a in allowed]
+        raise invalid_option("split", where, ", ".join(names[:-1]) + " or " + names[-1], repr(split))
     return split
 
 
@@ -159,17 +163,18 @@ def load_mnist(data_dir: PathLike | None = None, split: str = "test") -> Labelle
 
 
 def load_cifar10(data_dir: PathLike | None = None, split: str = "test") -> LabelledData:
-    """CIFAR-10 from ``<data_dir>/cifar10/cifar10_{test,train_10k}.npz``.
+    """CIFAR-10 from ``<data_dir>/cifar10/cifar10_{train,train_10k,test}.npz``.
 
-    "test" is the full 10,000-image test set; "train" is a balanced 10,000-image subset of the
-    training set (1,000 per class). Rows are sorted by (label, filename). Returns images float32
-    (N, 3, 32, 32) (NCHW, RGB) normalised as (x/255 - 0.5)/0.5 and labels int64 (N,).
+    "test" is the full 10,000-image test set; "train" the full 50,000-image training set (what the CBS and
+    CHITA papers draw their gradients from); "train-10k" a balanced 10,000-image subset of it (1,000 per
+    class), for quick runs and tests. Rows are sorted by (label, filename). Returns images float32
+    (N, 3, 32, 32) (NCHW, RGB) normalised as (x/255 - 0.5)/0.5 and labels int64 (N,): 614 MB for "train".
 
     Raises:
-        InvalidOptionError: ``split`` is not "train" or "test".
+        InvalidOptionError: ``split`` is not "train", "train-10k" or "test".
         DataNotFoundError: the file is missing (the message says to pass --data-dir).
     """
-    _check_split(split, "load_cifar10()")
+    _check_split(split, "load_cifar10()", CIFAR10_SPLITS)
     path = _require_file(_resolve_dir(data_dir) / "cifar10" / _CIFAR10_FILES[split], "CIFAR-10")
     try:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:  # our handle: closed on error
@@ -277,7 +282,8 @@ def load_digits(split: str = "train", *, n_test: int = 400, seed: int = 0) -> La
 
 
 def dataset_for_model(model_name: str, data_dir: PathLike | None = None, split: str = "test") -> LabelledData:
-    """The data set a named model was trained on: "mlpnet" -> MNIST, "resnet20" -> CIFAR-10."""
+    """The data set a named model was trained on: "mlpnet" -> MNIST, "resnet20" -> CIFAR-10 (whose ``split`` may
+    also be "train-10k", the quick subset)."""
     loaders = {"mlpnet": load_mnist, "resnet20": load_cifar10}
     key = model_name.lower() if isinstance(model_name, str) else model_name
     if key not in loaders:

@@ -27,7 +27,7 @@ from .masking import make_permanent
 from .params import select_parameters
 from .progress import get_logger, progress
 from .pruner import check_prune_inputs, prune
-from .recommend import PAPER, as_dict, describe, profile_of, recommend
+from .recommend import PAPER, Profile, as_dict, describe, profile_of, recommend
 from .reconstruction import (RECONSTRUCTION_METHOD, check_reconstruction_inputs,
                              prune_reconstruction)
 from .records import environment, to_jsonable, write_folder_atomic
@@ -35,7 +35,7 @@ from .resume import MARKER, Book, open_book
 from .settings import PRUNE_OPTIONS, option
 from .sources import Samples, as_samples
 
-__all__ = ["Prepared", "BatchNormPlan", "prepare", "execute", "evaluate_samples", "peak_memory_mb", "stage_hook"]
+__all__ = ["Prepared", "BatchNormPlan", "settle", "prepare", "execute", "evaluate_samples", "peak_memory_mb", "stage_hook"]
 
 log = get_logger(__name__)
 
@@ -47,12 +47,12 @@ def peak_memory_mb() -> float:
 
 @dataclass
 class BatchNormPlan:
-    """BatchNorm re-estimation on ``samples`` training samples drawn with the run's seed, streamed in batches of
-    128. ``augment="crop-flip"``: two copies of each sample, each a random crop of the image padded by 4 pixels
+    """BatchNorm re-estimation on ``samples`` training samples (default 4,000) drawn with the run's seed, streamed
+    in batches of 128. ``augment="crop-flip"``: two copies of each sample, each a random crop of the image padded by 4 pixels
     of the data's own black level (the per-channel minimum of the drawn samples, so the user's normalisation
     is respected), flipped with probability ½: how CIFAR-style networks saw their data in training."""
 
-    samples: int = 10000
+    samples: int = 4000
     augment: str = "none"
 
     def __post_init__(self) -> None:
@@ -144,15 +144,43 @@ class Prepared:
     metric: Callable = top1_accuracy
     describe: dict[str, Any] = field(default_factory=dict)  # what the record says about the inputs
     chosen: str = ""  # the recommendation in flag form (what cbs prune says on stderr)
+    stage_test: bool = True  # the test metric after every stage (records only: it changes no result)
+
+
+def settle(profile: Profile, sparsity: float, settings: dict[str, Any], transposed: bool = False,
+           bn_reestimate: bool | None = None) -> tuple[dict[str, Any], bool, str]:
+    """The run's PruneConfig keywords (all but ``sparsity``), whether it re-estimates BatchNorm and how it augments
+    the BatchNorm samples: the recommendation for ``profile`` at ``sparsity`` with ``settings`` (the user's) over
+    it. ``transposed``: some pruned weight is stored transposed (N:M groups then run down rows). The one place
+    that turns a profile and the user's settings into a run's settings (:func:`prepare`, and
+    ``scripts/reproduce.py`` for the zoo models without loading them)."""
+    rec = recommend(profile, sparsity, settings.get("method"))
+    if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
+        rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
+               "calibration_samples": min(option("calibration_samples").default, profile.n_train),
+               "bn_reestimate": rec["bn_reestimate"],
+               "bn_augment": rec["bn_augment"]}
+    elif settings.get("pattern") not in (None, "unstructured"):
+        # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
+        # weight is stored transposed (its groups run down the stored columns)
+        rec.update(stages=1, allocation="uniform", **({"block_mode": "row"} if transposed else {}))
+    rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
+    if bn_reestimate is None:
+        bn_reestimate = rec_bn
+    if not bn_reestimate and "step_search_bn" not in settings:
+        rec["step_search_bn"] = False
+    return {**rec, **settings}, bool(bn_reestimate), rec_augment
 
 
 def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, settings: dict[str, Any] | None = None,
             params: str | list[str] | None = None, loss: Callable = cross_entropy, metric: Callable = top1_accuracy,
-            bn_reestimate: bool | None = None, bn_samples: int = 10000, bn_augment: str | None = None,
-            describe_inputs: dict[str, Any] | None = None) -> Prepared:
+            bn_reestimate: bool | None = None, bn_samples: int = 4000, bn_augment: str | None = None,
+            stage_test: bool = True, describe_inputs: dict[str, Any] | None = None) -> Prepared:
     """Check everything and settle the settings: the recommendation for this model and data (:mod:`engine.
     recommend`), then ``settings`` (the user's PruneConfig keywords) over it. Raises a clear error on any bad
-    input before any work."""
+    input before any work. ``stage_test=False`` skips the test pass after every stage (the record's per-stage
+    accuracy; nothing else changes)."""
+    option("stage_test").check(stage_test, "prepare()")
     settings = dict(settings or {})
     unknown = [k for k in settings if k not in {o.name for o in PRUNE_OPTIONS}]
     if unknown:
@@ -172,22 +200,9 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
             profile = profile_of(model, names, len(train), x.ndim)
         except InvalidOptionError:
             pass
-    rec = recommend(profile, sparsity, settings.get("method"))
-    if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
-        rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
-               "calibration_samples": min(option("calibration_samples").default, len(train)),
-               "bn_reestimate": rec["bn_reestimate"],
-               "bn_augment": rec["bn_augment"]}
-    elif settings.get("pattern") not in (None, "unstructured"):
-        # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
-        # weight is stored transposed (its groups run down the stored columns)
-        rec.update(stages=1, allocation="uniform", **({"block_mode": "row"} if set(names) & set(transposed) else {}))
-    rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
-    if bn_reestimate is None:
-        bn_reestimate = rec_bn
-    if not bn_reestimate and "step_search_bn" not in settings:
-        rec["step_search_bn"] = False
-    config = PruneConfig(sparsity=sparsity, **{**rec, **settings})
+    merged, bn_reestimate, rec_augment = settle(profile, sparsity, settings, bool(set(names) & set(transposed)),
+                                                bn_reestimate)
+    config = PruneConfig(sparsity=sparsity, **merged)
     if config.objective == "reconstruction":
         check_reconstruction_inputs(model, names, len(train), config)
     else:
@@ -199,16 +214,19 @@ def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, 
             "transposed_parameters": sorted(transposed),
             "bn_reestimate": bool(bn_reestimate), "bn_augment": None if bn is None else bn.augment,
             "bn_samples": None if bn is None else min(bn_samples, len(train))}
-    return Prepared(model, names, frozenset(transposed), train, test, config, bn, loss, metric, info, chosen)
+    return Prepared(model, names, frozenset(transposed), train, test, config, bn, loss, metric, info, chosen,
+                    stage_test)
 
 
 def execute(run: Prepared, out: str | None = None, cache: dict | None = None,
-            resume: bool | Book = False) -> dict[str, Any]:
+            resume: bool | Book = False, dense: tuple[float, float] | None = None) -> dict[str, Any]:
     """Measure, prune, re-estimate, measure again; the record (also written with ``mask.pt``, ``model.pt`` and
     the finished marker ``checkpoint.pt`` into ``out`` as one transaction when given). With ``out``, a
     multi-stage or layer-wise run replaces ``out`` with a checkpoint after every stage or layer
     (:mod:`engine.resume`); ``resume=True`` continues the run in ``out`` from its last one (a finished run
-    returns its record without work), or takes the :class:`~engine.resume.Book` the caller opened already."""
+    returns its record without work), or takes the :class:`~engine.resume.Book` the caller opened already.
+    ``dense``: the dense model's (metric, loss) on ``run.test`` when the caller measured it already (a sweep
+    measures it once for all its runs)."""
     started = time.time()
     config, show = run.config, run.config.progress
     book = resume if isinstance(resume, Book) else open_book(run, out, resume)  # refuses a changed run now
@@ -216,9 +234,10 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None,
         return book.finish()
     if book.saved is not None:
         dense = book.dense  # measured before the interruption, on the dense model
-    else:
+    elif dense is None:
         dense = evaluate_samples(run.model, run.test, run.loss, run.metric, show=show) if run.test is not None else None
-    on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric, show=show)
+    on_stage, stage_log = stage_hook(run.bn, run.train, run.test, config.seed, run.loss, run.metric,
+                                     test_every_stage=run.stage_test, show=show)
     stage_log.extend(book.stage_log)
     book.dense, book.stage_log = dense, stage_log
     saving = out is not None

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import invalid_option
 
-__all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "fit",
+__all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "flag_form", "fit", "zoo_profile",
            "PLAIN", "PAPER", "PAPER_CBS", "RECIPES", "STAGES", "WHOLE_MAX"]
 
 #: the most prunable weights of a model pruned as one whole-network block (MLPNet: 32,360)
@@ -140,7 +140,15 @@ def recommend(profile: Profile, sparsity: float, method: Any = None) -> dict[str
 
 
 #: the profiles of the zoo models (what profile_of gives for them with their data)
-_ZOO_PROFILES = {"mlpnet": Profile(32360, False, 60000, True), "resnet20": Profile(270896, True, 10000, True)}
+_ZOO_PROFILES = {"mlpnet": Profile(32360, False, 60000, True), "resnet20": Profile(270896, True, 50000, True)}
+
+
+def zoo_profile(model: str) -> Profile:
+    """The profile of a zoo model with its default parameters and its full training set (MLPNet: 32,360 weights,
+    60,000 MNIST images; ResNet20: 270,896 weights, every conv and the fc, 50,000 CIFAR-10 images)."""
+    if model not in _ZOO_PROFILES:
+        raise invalid_option("model", "zoo_profile()", f"one of {', '.join(_ZOO_PROFILES)}", repr(model))
+    return _ZOO_PROFILES[model]
 
 
 def recommended(model: str, sparsity: float) -> dict[str, Any]:
@@ -148,7 +156,7 @@ def recommended(model: str, sparsity: float) -> dict[str, Any]:
     BatchNorm settings."""
     if model not in _ZOO_PROFILES:
         raise invalid_option("model", "recommended()", f"one of {', '.join(_ZOO_PROFILES)}", repr(model))
-    settings = recommend(_ZOO_PROFILES[model], sparsity)
+    settings = recommend(zoo_profile(model), sparsity)
     settings.pop("bn_reestimate"), settings.pop("bn_augment")
     return settings
 
@@ -171,7 +179,7 @@ _DESCRIBED = frozenset(("method", "fisher_samples", "fisher_batch", "damping", "
 _RECONSTRUCTION_SHOWN = frozenset(("objective", "calibration_samples", "sequential", "pattern", "allocation"))
 
 
-def _flag_form(name: str, value: Any) -> list[str]:
+def flag_form(name: str, value: Any) -> list[str]:
     """``name=value`` as the flags that set it (``--param NAME=VALUE`` for the advanced ones)."""
     from .settings import PRUNE_OPTIONS
 
@@ -181,8 +189,8 @@ def _flag_form(name: str, value: Any) -> list[str]:
     shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else getattr(value, "name", value)
     if option is None or not option.public:
         return [f"--param {name}={shown}"]
-    if option.kind == "bool":
-        return [option.flag] if value else []
+    if option.kind == "bool":  # False of a setting whose default is the method's (None) has a flag of its own
+        return [option.flag] if value else ["--no-" + option.flag[2:]] if option.nullable and value is False else []
     if name == "pattern":
         return [f"--pattern {value[0]}:{value[1]}"]
     return [f"{option.flag} {shown}"]
@@ -224,7 +232,7 @@ def describe(settings: dict[str, Any], given: dict[str, Any] | None = None) -> s
         flags.append("--bn-reestimate" if settings["bn_reestimate"] else "--no-bn-reestimate")
     for name, value in (given or {}).items():
         if name not in shown and value is not None:
-            flags += _flag_form(name, value)
+            flags += flag_form(name, value)
     return " ".join(flags)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -102,15 +101,15 @@ def _cifar_bad_label(t: Path, d: Path) -> None:
         data, labels = a["data"][:100], a["labels"][:100].copy()
     labels[3] = 42
     np.savez(t / "badc" / "cifar10" / "cifar10_test.npz", data=data, labels=labels)
-    shutil.copy(d / "cifar10" / "cifar10_train_10k.npz", t / "badc" / "cifar10" / "cifar10_train_10k.npz")
+    (t / "badc" / "cifar10" / "cifar10_train.npz").symlink_to((d / "cifar10" / "cifar10_train.npz").resolve())
     (t / "badc" / "weights").symlink_to((d / "weights").resolve())
 
 
 def _cifar_corrupt(t: Path, d: Path) -> None:
     (t / "corrupt" / "cifar10").mkdir(parents=True)
     (t / "corrupt" / "cifar10" / "cifar10_test.npz").write_bytes(b"not a zip file")
-    (t / "corrupt" / "cifar10" / "cifar10_train_10k.npz").write_bytes(
-        (d / "cifar10" / "cifar10_train_10k.npz").read_bytes()[:4096])
+    with open(d / "cifar10" / "cifar10_train.npz", "rb") as whole:  # the first 4 KiB of the real file
+        (t / "corrupt" / "cifar10" / "cifar10_train.npz").write_bytes(whole.read(4096))
     (t / "corrupt" / "weights").symlink_to((d / "weights").resolve())
 
 

@@ -41,7 +41,7 @@ def cbs_mask(model_name: str, sparsity: float, data_dir, cache: Path, settings: 
     if path.exists():
         return torch.load(path, weights_only=True)
     model = load_model(model_name, None if data_dir is None else Path(data_dir) / _ckpt(model_name))
-    x, y = dataset_for_model(model_name, data_dir, "train")
+    x, y = dataset_for_model(model_name, data_dir, "train-10k" if model_name == "resnet20" else "train")
     names = [n for n, _ in prunable_parameters(model, settings.pop("preset"))]
     t0 = time.perf_counter()
     report = prune(model, names, (x, y), PruneConfig(sparsity=sparsity, progress=False, **settings))
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     from engine.data import dataset_for_model
     from engine.models import build_model, prunable_parameters
     from engine.sparse_masks import make_mask
-    from engine.train_cli import MODEL_DEFAULTS
+    from engine.train_cli import MODEL_DEFAULTS, TRAIN_SPLIT
     from engine.training import train
 
     torch.set_num_threads(args.threads)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args.weight_decay = args.weight_decay if args.weight_decay is not None else MODEL_DEFAULTS[args.model]["weight_decay"]
     out: Path = args.out
     if not args.report_only:
-        train_data = dataset_for_model(args.model, args.data_dir, "train")
+        train_data = dataset_for_model(args.model, args.data_dir, TRAIN_SPLIT.get(args.model, "train"))
         test_data = dataset_for_model(args.model, args.data_dir, "test")
         preset = cbs_settings(args.model, args.fast_cbs)["preset"]
         for mask_name in args.masks:

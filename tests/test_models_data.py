@@ -108,13 +108,32 @@ def test_cifar_loader_and_dataset_for_model(shared_data: Path, cifar_test: data.
         data.dataset_for_model("vgg", shared_data)
 
 
+def test_cifar_train_is_the_full_50k_and_train_10k_its_subset(shared_data: Path) -> None:
+    """"train" is the whole training set (5,000 images a class), what the papers draw gradients from; the quick
+    "train-10k" split is a bit-exact subset of it (1,000 a class)."""
+    _file(shared_data, "cifar10/cifar10_train.npz")
+    full = data.load_cifar10(shared_data, "train")
+    small = data.load_cifar10(shared_data, "train-10k")
+    assert full.images.shape == (50000, 3, 32, 32) and torch.bincount(full.labels).tolist() == [5000] * 10
+    assert small.images.shape == (10000, 3, 32, 32) and torch.bincount(small.labels).tolist() == [1000] * 10
+    flat = full.images.reshape(50000, -1)
+    for i in (0, 4321, 9999):  # rows of the subset are rows of the full set, label and pixels
+        hit = torch.nonzero((flat == small.images[i].reshape(1, -1)).all(dim=1)).flatten()
+        assert hit.numel() == 1 and full.labels[hit[0]] == small.labels[i]
+    assert data.dataset_for_model("resnet20", shared_data, "train-10k").labels.shape == (10000,)
+    with pytest.raises(InvalidOptionError, match=r"'split'.*'train', 'train-10k' or 'test'.*'valid'"):
+        data.load_cifar10(shared_data, "valid")
+    with pytest.raises(InvalidOptionError, match=r"'split'.*'train' or 'test'.*'train-10k'"):
+        data.load_mnist(shared_data, "train-10k")
+
+
 def test_bn_reestimation_on_augmented_data_keeps_dense_accuracy(
     shared_data: Path, cifar_test: data.LabelledData
 ) -> None:
     """On augmented training images (as in training) BN re-estimation keeps the dense accuracy."""
     _file(shared_data, "cifar10/cifar10_train_10k.npz")
     model = models.load_resnet20(_file(shared_data, RESNET_CKPT))
-    train = data.load_cifar10(shared_data, "train")
+    train = data.load_cifar10(shared_data, "train-10k")
     rows = torch.randperm(10000, generator=torch.Generator().manual_seed(0))[:2000]
     test_images, test_labels = cifar_test.images[rows], cifar_test.labels[rows]
     dense_accuracy, _ = evaluate(model, test_images, test_labels)

@@ -139,7 +139,7 @@ def test_preset_is_used_and_recorded(shared_data, tmp_path):
             "--seeds", "0", "--set", "fisher_samples=64", "--preset", "chita", "--out", str(tmp_path)]
     assert reproduce.main(argv) == 0
     (rec,) = [json.loads(line) for line in (tmp_path / "mlpnet" / "records.jsonl").read_text().splitlines()]
-    assert rec["preset"] == "chita"
+    assert "--params chita" in rec["command"] and rec["parameters"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     with pytest.raises(SystemExit) as exc:
         reproduce.main([*argv[:-4], "--preset", "resnet", "--out", str(tmp_path)])
     assert exc.value.code == 2
@@ -200,9 +200,53 @@ def test_rejects_bad_jobs(tmp_path, capsys):
 def test_the_sweeps_cbs_row_is_what_cbs_prune_method_cbs_runs(model):
     """One setting for the paper's method: the sweep's `cbs` runs and `cbs prune --method cbs` (the
     recommendation for the zoo model's profile with the method named) agree on every setting they both set."""
-    from engine.recommend import _ZOO_PROFILES, recommend
+    from engine.recommend import recommend, zoo_profile
 
-    rec = recommend(_ZOO_PROFILES[model], 0.7, "cbs")
+    rec = recommend(zoo_profile(model), 0.7, "cbs")
     rec.pop("bn_augment"), rec.pop("bn_reestimate")
     config = reproduce.run_config(model, "cbs", 0.7, 0, {})
     assert {k: getattr(config, k) for k in rec} == rec
+
+
+def test_a_sweep_run_is_the_cbs_prune_run_of_its_recorded_command(shared_data, tmp_path):
+    """One protocol: the sweep runs `cbs prune`'s code (prepare, execute) and records the command line that
+    gives the same run; running that command gives the same accuracy, test loss and objective, bit for bit."""
+    from engine.cli import main as cbs_main
+
+    argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "woodfisher", "--sparsities", "0.9",
+            "--seeds", "0", "--set", "fisher_samples=256", "--out", str(tmp_path / "sweep")]
+    assert reproduce.main(argv) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "sweep" / "mlpnet" / "records.jsonl").read_text().splitlines()]
+    command = rec["command"].split()
+    assert command[:2] == ["cbs", "prune"] and "--no-update" in command and "--fisher-samples" in command
+    assert cbs_main([*command[2:], "--data-dir", str(shared_data), "--no-progress", "--out", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli" / "record.json").read_text())
+    assert (cli["accuracy"], cli["test_loss"], cli["objective_total"]) == (
+        rec["accuracy"], rec["test_loss"], rec["objective_total"])
+    assert cli["settings"] == {**rec["settings"], "progress": True}
+
+
+def test_tables_split_runs_by_batchnorm_protocol():
+    """With re-estimation: every run that re-estimates. Without (CHITA's protocol): single-stage runs before
+    their final re-estimation, and runs that never re-estimate; never a multi-stage run that re-estimated
+    between stages."""
+    rows = [{**_row("magnitude", 0.8, 0, 80.0), "bn_reestimate": True, "accuracy_no_bn_reestimate": 50.0,
+             "settings": {"stages": 1}},
+            {**_row("multi-stage", 0.8, 0, 88.0), "bn_reestimate": True, "accuracy_no_bn_reestimate": 86.0,
+             "settings": {"stages": 8}},
+            {**_row("multi-stage-no-bn", 0.8, 0, 87.0), "bn_reestimate": False, "settings": {"stages": 8}}]
+    with_bn, without = reproduce.split_by_protocol(rows)
+    assert [(r["label"], r["accuracy"]) for r in with_bn] == [("magnitude", 80.0), ("multi-stage", 88.0)]
+    assert [(r["label"], r["accuracy"]) for r in without] == [("magnitude", 50.0), ("multi-stage-no-bn", 87.0)]
+
+
+def test_command_lines_name_every_setting_of_the_row():
+    """The paper rows name the paper's flags, a method's own default switched off (woodfisher updates unless
+    told not to), the CBS parameter set and the re-estimation the table measures; multi-stage names nothing."""
+    line = reproduce.command_line("resnet20", "woodfisher", 0.8, 1, {})
+    assert line == ("cbs prune --model resnet20 --sparsity 0.8 --seed 1 --method woodfisher --no-update "
+                    "--fisher-samples 1000 --damping 1e-05 --block-mode layer --params cbs --bn-reestimate")
+    assert reproduce.command_line("resnet20", "multi-stage", 0.9, 2, {}) == (
+        "cbs prune --model resnet20 --sparsity 0.9 --seed 2")
+    assert reproduce.command_line("resnet20", "multi-stage-no-bn", 0.9, 0, {"damping": 0.01}) == (
+        "cbs prune --model resnet20 --sparsity 0.9 --seed 0 --damping 0.01 --no-bn-reestimate")
