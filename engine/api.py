@@ -26,8 +26,9 @@ __all__ = ["prune_model"]
 
 def prune_model(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, loss: Callable = cross_entropy,
                 metric: Callable = top1_accuracy, params: str | list[str] | None = None,
-                bn_reestimate: bool | None = None, bn_samples: int = 4000, out: str | None = None,
-                cache: dict | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+                bn_reestimate: bool | None = None, bn_samples: int = 4000, stage_test: bool = True,
+                out: str | None = None, cache: dict | None = None, resume: bool = False,
+                **settings: Any) -> dict[str, Any]:
     """Prune ``model`` to ``sparsity`` with the recommended pipeline; the record (as ``cbs prune`` writes it).
 
     Parameters
@@ -38,7 +39,10 @@ def prune_model(model: nn.Module, train: Any, test: Any = None, *, sparsity: flo
     loss : ``loss(outputs, targets) -> scalar`` (mean over the batch); metric : ``metric(outputs, targets)``.
     params : which parameters to prune (:func:`engine.params.select_parameters`: patterns or a list of names).
     bn_reestimate : re-estimate BatchNorm statistics between stages and at the end (default: the
-        recommendation's: when the model has BatchNorm and no method is named).
+        recommendation's: when the model has BatchNorm and no method is named); bn_samples : training samples
+        of each re-estimation (two augmented copies each for image batches).
+    stage_test : measure ``test`` after every stage of a multi-stage run (the record's per-stage accuracy; one
+        test pass a stage, nothing else changes).
     out : a folder to write ``record.json``, ``mask.pt`` and ``model.pt`` into (all at once); a multi-stage or
         layer-wise run also replaces it with a checkpoint after every stage or layer (:mod:`engine.resume`).
     resume : continue the interrupted run in ``out`` (a new or empty ``out`` starts afresh, a finished one returns
@@ -52,7 +56,7 @@ def prune_model(model: nn.Module, train: Any, test: Any = None, *, sparsity: flo
     if resume and out is None:
         raise invalid_option("resume", "prune_model()", "False without out (a run to resume lives in out)", True)
     run = prepare(model, train, test, sparsity=sparsity, settings=settings, params=params, loss=loss, metric=metric,
-                  bn_reestimate=bn_reestimate, bn_samples=bn_samples)
+                  bn_reestimate=bn_reestimate, bn_samples=bn_samples, stage_test=stage_test)
     if not resume:
         return execute(run, out=out, cache=cache)
     from .outdir import locked

@@ -28,8 +28,7 @@ from .params import select_parameters
 from .progress import get_logger, progress
 from .pruner import check_prune_inputs, prune
 from .recommend import PAPER, Profile, as_dict, describe, profile_of, recommend
-from .reconstruction import (RECONSTRUCTION_METHOD, check_reconstruction_inputs,
-                             prune_reconstruction)
+from .reconstruction import check_reconstruction_inputs, prune_reconstruction
 from .records import environment, to_jsonable, write_folder_atomic
 from .resume import MARKER, Book, open_book
 from .settings import PRUNE_OPTIONS, option
@@ -154,13 +153,9 @@ def settle(profile: Profile, sparsity: float, settings: dict[str, Any], transpos
     it. ``transposed``: some pruned weight is stored transposed (N:M groups then run down rows). The one place
     that turns a profile and the user's settings into a run's settings (:func:`prepare`, and
     ``scripts/reproduce.py`` for the zoo models without loading them)."""
-    rec = recommend(profile, sparsity, settings.get("method"))
-    if settings.get("objective") == "reconstruction":  # one layer-wise pass: the Fisher path's settings do not apply
-        rec = {"method": RECONSTRUCTION_METHOD, "stages": 1, "allocation": "uniform",
-               "calibration_samples": min(option("calibration_samples").default, profile.n_train),
-               "bn_reestimate": rec["bn_reestimate"],
-               "bn_augment": rec["bn_augment"]}
-    elif settings.get("pattern") not in (None, "unstructured"):
+    rec = recommend(profile, sparsity, settings.get("method"), settings.get("objective"), settings)
+    # a layer-wise recommendation is one pass whose settings are its own (recommend); N:M on the Fisher objective
+    if rec.get("objective") != "reconstruction" and settings.get("pattern") not in (None, "unstructured"):
         # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
         # weight is stored transposed (its groups run down the stored columns)
         rec.update(stages=1, allocation="uniform", **({"block_mode": "row"} if transposed else {}))

@@ -10,7 +10,8 @@ The recommendation depends on properties of the model and the data, never on the
 * the training set's size: the gradient rows, rows' batch and loss samples shrink to fit it (:func:`fit`);
 * whether the inputs are image batches (crop-and-flip augmentation for BatchNorm re-estimation).
 
-With no method named, the recommendation is our best measured configuration (docs/results.md): multi-stage
+With no method named, the recommendation is our best measured configuration (docs/results.md): for BatchNorm
+models up to 0.7 sparsity, layer-wise reconstruction (:data:`LAYERWISE_UP_TO`); otherwise multi-stage
 pruning by magnitude with the CBS-U update, the first-order term and the step search (the zoo's MLPNet is a
 "small" model, ResNet20 a "batchnorm" one, so their measured settings are the table's rows). Naming a method
 gives the paper-style single stage :data:`PLAIN`; naming ``cbs`` gives the CBS paper's setting for the profile
@@ -27,6 +28,7 @@ from torch import nn
 from .errors import invalid_option
 
 __all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "flag_form", "fit", "zoo_profile",
+           "layerwise_chosen", "LAYERWISE_UP_TO",
            "PLAIN", "PAPER", "PAPER_CBS", "RECIPES", "STAGES", "WHOLE_MAX"]
 
 #: the most prunable weights of a model pruned as one whole-network block (MLPNet: 32,360)
@@ -118,12 +120,47 @@ def fit(settings: dict[str, Any], n_train: int) -> dict[str, Any]:
     return out
 
 
-def recommend(profile: Profile, sparsity: float, method: Any = None) -> dict[str, Any]:
+#: profiles whose recommendation up to this sparsity is layer-wise reconstruction (ADMM with the refit, 128
+#: calibration samples, layers in turn, BatchNorm re-estimated after) instead of the Fisher multi-stage run.
+#: ResNet20 on the full CIFAR-10 training set, mean of three seeds (docs/results.md): it is above multi-stage
+#: at 0.5, 0.6 and 0.7 in a fifth to a third of the time, and below it from 0.8
+LAYERWISE_UP_TO: dict[str, float] = {"batchnorm": 0.7}
+
+#: settings the layer-wise path reads beside those of every run: naming any other setting (``--stages``,
+#: ``--fisher-samples``, ``--pattern``, ...) keeps the Fisher recommendation at every sparsity
+_LAYERWISE_READS = frozenset(("objective", "method", "sparsity", "seed", "progress", "time_limit", "certify_time",
+                              "solver_params", "executor", "workers", "ray_address", "calibration_samples",
+                              "sequential", "allocation", "update"))
+
+
+def layerwise_chosen(profile: Profile, sparsity: float, method: Any = None, objective: Any = None,
+                     given: Any = ()) -> bool:
+    """Whether the recommendation is layer-wise reconstruction: the user asked for it (``objective``), or named
+    neither a method, an objective nor a Fisher-path setting (``given``: the names of the user's settings) and
+    ``sparsity`` is within :data:`LAYERWISE_UP_TO` for the profile."""
+    if objective is not None:
+        return objective == "reconstruction"
+    return (method is None and sparsity <= LAYERWISE_UP_TO.get(profile.kind, -1.0)
+            and not set(given) - _LAYERWISE_READS)
+
+
+def recommend(profile: Profile, sparsity: float, method: Any = None, objective: Any = None,
+              given: Any = ()) -> dict[str, Any]:
     """PruneConfig settings (method included) and the run's ``bn_reestimate``/``bn_augment``: the
-    recommendation for ``profile`` at ``sparsity`` (see the module docstring)."""
+    recommendation for ``profile`` at ``sparsity`` (see the module docstring), given the user's ``method``,
+    ``objective`` and the names of the other settings they give (``given``; :func:`layerwise_chosen`)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise invalid_option("sparsity", "recommend()", "in [0, 1)", sparsity)
     kind = profile.kind
+    if layerwise_chosen(profile, sparsity, method, objective, given):
+        from .reconstruction import RECONSTRUCTION_METHOD
+        from .settings import option
+
+        return {"objective": "reconstruction", "method": RECONSTRUCTION_METHOD if method is None else method,
+                "stages": 1, "allocation": "uniform",
+                "calibration_samples": min(option("calibration_samples").default, profile.n_train),
+                "bn_reestimate": profile.has_batchnorm and method is None,
+                "bn_augment": "crop-flip" if profile.image_inputs else "none"}
     if method is None:
         by_sparsity = next(s for bound, s in STAGES[kind] if sparsity <= bound)
         settings = {**RECIPES[kind], **by_sparsity}
@@ -151,12 +188,12 @@ def zoo_profile(model: str) -> Profile:
     return _ZOO_PROFILES[model]
 
 
-def recommended(model: str, sparsity: float) -> dict[str, Any]:
-    """PruneConfig settings of the recommendation for a zoo model (no method named), without the run's
-    BatchNorm settings."""
+def recommended(model: str, sparsity: float, objective: str | None = None) -> dict[str, Any]:
+    """PruneConfig settings of the recommendation for a zoo model (no method named; ``objective`` "fisher" for
+    the Fisher multi-stage run at every sparsity), without the run's BatchNorm settings."""
     if model not in _ZOO_PROFILES:
         raise invalid_option("model", "recommended()", f"one of {', '.join(_ZOO_PROFILES)}", repr(model))
-    settings = recommend(zoo_profile(model), sparsity)
+    settings = recommend(zoo_profile(model), sparsity, objective=objective)
     settings.pop("bn_reestimate"), settings.pop("bn_augment")
     return settings
 

@@ -124,7 +124,7 @@ CONFIGS: dict[str, dict[str, Label]] = {
         "woodfisher+update": _paper(model, method="woodfisher", update=True),
         "iht": _paper(model, method="iht", update=True, time_limit=60.0),
         "swap": _paper(model, method="swap", update=True, time_limit=60.0),
-        "multi-stage": Label({}, "all"),
+        "multi-stage": Label(dict(objective="fisher"), "all"),
         "single-stage": Label(lambda s: dict(SINGLE), "all", None, True if model == "resnet20" else None),
     }
     for model in ("mlpnet", "resnet20")
@@ -139,9 +139,14 @@ CONFIGS["resnet20"]["single-stage-lc"] = Label(dict(method="magnitude", update=T
                                                     damping=1e-7, allocation="loss_curve"), "all", "cbs", True)
 #: ResNet20's recommendation under CHITA's protocol: no BatchNorm re-estimation, between stages or after
 #: (`cbs prune --model resnet20 --no-bn-reestimate`; the step search then scores losses on running statistics)
-CONFIGS["resnet20"]["multi-stage-no-bn"] = Label({}, "one", None, False)
-#: labels a sweep runs only when --configs names them (not part of the issue's sweep)
-EXTRA = ("single-stage", "single-stage-lc")
+CONFIGS["resnet20"]["multi-stage-no-bn"] = Label(dict(objective="fisher"), "one", None, False)
+#: layer-wise reconstruction (`cbs prune --objective reconstruction`: ADMM with the refit on 128 calibration
+#: images, every pruned layer in turn, BatchNorm re-estimated after), beside the Fisher path; what `cbs prune`
+#: runs for ResNet20 up to 0.7 when given no flag (engine.recommend.LAYERWISE_UP_TO)
+for _model in CONFIGS:
+    CONFIGS[_model]["layerwise"] = Label(dict(objective="reconstruction"), "all")
+#: labels a sweep runs only when --configs names them
+EXTRA = {"mlpnet": ("single-stage", "layerwise"), "resnet20": ("single-stage", "single-stage-lc")}
 
 
 #: seconds of one run per stage, as measured in the sweeps of docs/results.md (MLPNet: one thread per
@@ -151,7 +156,8 @@ RUN_SECONDS = {
     "mlpnet": {"magnitude": 15, "woodfisher": 33, "cbs": 18, "magnitude+update": 16, "woodfisher+update": 16,
                "iht": 70, "swap": 40, "multi-stage": 0.4},
     "resnet20": {"magnitude": 15, "woodfisher": 18, "cbs": 55, "magnitude+update": 10, "woodfisher+update": 10,
-                 "iht": 69, "swap": 120, "multi-stage": 60, "single-stage-lc": 350, "multi-stage-no-bn": 45},
+                 "iht": 69, "swap": 120, "multi-stage": 60, "single-stage-lc": 350, "multi-stage-no-bn": 45,
+                 "layerwise": 90},
 }
 #: labels whose runs reuse another label's cached results beyond the gradients (the same supports, so
 #: the same update; diag(H⁻¹)), so a parallel sweep keeps them in that label's unit
@@ -377,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(PUBLISHED), required=True)
     ap.add_argument("--data-dir", type=Path, default=None, help="folder laid out like ../shared/data")
     ap.add_argument("--configs", nargs="+", default=None,
-                    help=f"labels of CONFIGS to run (default: all but {', '.join(EXTRA)})")
+                    help="labels of CONFIGS to run (default: all but "
+                         + "; ".join(f"{m}: {', '.join(x)}" for m, x in EXTRA.items()) + ")")
     ap.add_argument("--sparsities", type=float, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=POSITIVE_INT, default=None,
@@ -401,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     model_name = args.model
     configs = CONFIGS[model_name]
-    labels = args.configs or [c for c in configs if c not in EXTRA]
+    labels = args.configs or [c for c in configs if c not in EXTRA[model_name]]
     unknown = [c for c in labels if c not in configs]
     if unknown:
         ap.error(f"argument --configs: unknown label(s) {unknown}; choose from {', '.join(configs)}")

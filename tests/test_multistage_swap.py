@@ -405,6 +405,28 @@ def test_cli_rejects_batch_statistics_of_single_sample_rows(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_stage_test_false_skips_the_per_stage_test_pass_and_changes_nothing_else(shared_data, tmp_path):
+    """--param stage_test=false: no per-stage accuracy in the record, the same masks, weights and accuracy."""
+    common = ["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.9", "--fisher-samples",
+              "32", "--fisher-batch", "4", "--stages", "3", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "with")]) == 0
+    assert main([*common, "--param", "stage_test=false", "--out", str(tmp_path / "without")]) == 0
+    with_, without = (json.loads((tmp_path / f / "record.json").read_text()) for f in ("with", "without"))
+    assert all("accuracy" in s for s in with_["stages"][:2]) and not any("accuracy" in s for s in without["stages"])
+    assert (with_["accuracy"], with_["objective_total"]) == (without["accuracy"], without["objective_total"])
+    for name in ("mask.pt", "model.pt"):
+        a, b = (torch.load(tmp_path / f / name) for f in ("with", "without"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_model_rejects_a_stage_test_that_is_not_a_bool():
+    from engine.api import prune_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    with pytest.raises(InvalidOptionError, match="'stage_test' argument of prepare\\(\\) must be.*Got 'yes'"):
+        prune_model(net, (torch.randn(40, 6), torch.randint(0, 3, (40,))), sparsity=0.5, stage_test="yes")
+
+
 def test_cli_multistage_writes_mask_and_model(shared_data, tmp_path):
     out = tmp_path / "run"
     code = main(["prune", "--model", "mlpnet", "--data-dir", str(shared_data), "--sparsity", "0.9", "--method",
@@ -628,11 +650,35 @@ def test_cli_on_off_flags_are_exclusive(tmp_path, capsys, flags):
 @pytest.mark.parametrize("model", ["mlpnet", "resnet20"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.9, 0.98])
 def test_every_recommendation_builds_a_config_with_and_without_cli_overrides(model, sparsity):
-    from engine.recommend import recommended
+    from engine.pipeline import settle
+    from engine.recommend import recommended, zoo_profile
 
     rec = recommended(model, sparsity)
     PruneConfig(sparsity=sparsity, **rec)
-    PruneConfig(sparsity=sparsity, **{**rec, "loss_samples": 500, "stages": 2})
+    overridden, _, _ = settle(zoo_profile(model), sparsity, {"loss_samples": 500, "stages": 2})
+    config = PruneConfig(sparsity=sparsity, **overridden)  # a Fisher-path flag keeps the Fisher recommendation
+    assert (config.objective, config.stages, config.loss_samples) == ("fisher", 2, 500)
+
+
+def test_resnet20_recommendation_is_layerwise_up_to_0_7_unless_a_fisher_setting_is_named():
+    """The recommendation by sparsity: layer-wise reconstruction (ADMM, refit, BatchNorm re-estimated) for
+    ResNet20 up to 0.7, the Fisher multi-stage run above; naming a method, the objective or a Fisher-path
+    setting keeps the Fisher path; the seed, the executor or the parameters do not."""
+    from engine.pipeline import settle
+    from engine.recommend import recommend, recommended, zoo_profile
+
+    profile = zoo_profile("resnet20")
+    for sparsity in (0.5, 0.7):
+        rec = recommend(profile, sparsity)
+        assert (rec["objective"], rec["method"], rec["calibration_samples"], rec["bn_reestimate"]) == (
+            "reconstruction", "admm", 128, True)
+        assert settle(profile, sparsity, {"seed": 3, "executor": "local"})[0]["objective"] == "reconstruction"
+        for named in ({"stages": 4}, {"fisher_samples": 100}, {"method": "magnitude"}, {"objective": "fisher"},
+                      {"pattern": (2, 4)}):
+            assert settle(profile, sparsity, named)[0].get("objective", "fisher") == "fisher", named
+    assert "objective" not in recommended("resnet20", 0.8) and recommended("resnet20", 0.8)["stages"] == 8
+    assert "objective" not in recommended("mlpnet", 0.5)  # no BatchNorm: the Fisher run at every sparsity
+    assert settle(profile, 0.5, {"method": "obc", "objective": "reconstruction"})[0]["method"] == "obc"
 
 
 def test_resnet20_recommendation_doubles_its_gradient_rows_from_0_8_and_fits_the_cifar_subset():
@@ -643,12 +689,12 @@ def test_resnet20_recommendation_doubles_its_gradient_rows_from_0_8_and_fits_the
     from engine.models import build_model
     from engine.pruner import check_prune_inputs
 
-    assert recommended("resnet20", 0.7)["fisher_samples"] == 250
+    assert recommended("resnet20", 0.7, "fisher")["fisher_samples"] == 250
     assert recommended("resnet20", 0.8)["fisher_samples"] == recommended("resnet20", 0.9)["fisher_samples"] == 500
     model = build_model("resnet20")
     names = [n for n, _ in prunable_parameters(model, "cbs")]
     for sparsity in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
-        rec = recommended("resnet20", sparsity)
+        rec = recommended("resnet20", sparsity, "fisher")
         check_prune_inputs(model, names, 10_000, PruneConfig(sparsity=sparsity, **rec))
         with pytest.raises(InvalidOptionError, match="'loss_samples'"):
             check_prune_inputs(model, names, rec["fisher_samples"] * rec["fisher_batch"] + 999,

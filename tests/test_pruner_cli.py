@@ -240,16 +240,16 @@ def test_cli_missing_data_in_data_dir_exit_2(capsys, tmp_path, shared_data):
 
 
 def test_cli_samples_beyond_the_training_set_exit_2_before_any_work(capsys, tmp_path, shared_data, monkeypatch):
-    """The ResNet20 recommendation holds 1,000 loss images out of the Fisher draw: 600 rows of 16 images
-    leave too few of the 10,000. The check runs right after the data is loaded, before the dense model
+    """The ResNet20 recommendation holds 1,000 loss images out of the Fisher draw: 3,100 rows of 16 images
+    leave too few of the 50,000. The check runs right after the data is loaded, before the dense model
     is evaluated."""
     def no_work(*args, **kwargs):
         raise AssertionError("evaluated before the sample-count check")
 
     monkeypatch.setattr("engine.pipeline.evaluate_samples", no_work)
     code, _, err = _run(["prune", "--model", "resnet20", "--sparsity", "0.8", "--data-dir", str(shared_data),
-                         "--fisher-samples", "600", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "'loss_samples'" in err and "400 training samples left after the 9600" in err, err
+                         "--fisher-samples", "3100", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "'loss_samples'" in err and "400 training samples left after the 49600" in err, err
     assert not (tmp_path / "record.json").exists()
 
 

@@ -42,7 +42,7 @@ def test_configs_are_valid_prune_configs():
 def test_single_stage_label_runs_only_when_named_and_records_its_steps(shared_data, tmp_path):
     """The extra label is a one-stage run with the coupled step and compensation, kept out of the default
     sweep; a real MLPNet run at 0.9 records its step and stays well above magnitude pruning (90.30)."""
-    assert "single-stage" in reproduce.EXTRA
+    assert "single-stage" in reproduce.EXTRA["resnet20"] and "single-stage" in reproduce.EXTRA["mlpnet"]
     config = reproduce.run_config("resnet20", "single-stage", 0.8, 0, {})
     assert config.stages == 1 and config.couple_mean and config.compensate == "rest" and not config.step_search_bn
     argv = ["--model", "mlpnet", "--data-dir", str(shared_data), "--configs", "single-stage", "--sparsities", "0.9",
@@ -56,7 +56,7 @@ def test_single_stage_label_runs_only_when_named_and_records_its_steps(shared_da
 def test_single_stage_lc_label_is_resnet20_only_and_kept_out_of_the_default_sweep(capsys):
     """The paper's single-sample rows, twice as many, λ = 1e-7 and the loss-curve budget, in one stage;
     MLPNet has no such label, and naming it there is an error that lists the labels."""
-    assert "single-stage-lc" in reproduce.EXTRA
+    assert "single-stage-lc" in reproduce.EXTRA["resnet20"]
     config = reproduce.run_config("resnet20", "single-stage-lc", 0.7, 2, {})
     assert (config.stages, config.method, config.update, config.fisher_samples, config.fisher_batch) == (
         1, "magnitude", True, 2000, 1)
@@ -247,6 +247,24 @@ def test_command_lines_name_every_setting_of_the_row():
     assert line == ("cbs prune --model resnet20 --sparsity 0.8 --seed 1 --method woodfisher --no-update "
                     "--fisher-samples 1000 --damping 1e-05 --block-mode layer --params cbs --bn-reestimate")
     assert reproduce.command_line("resnet20", "multi-stage", 0.9, 2, {}) == (
-        "cbs prune --model resnet20 --sparsity 0.9 --seed 2")
+        "cbs prune --model resnet20 --sparsity 0.9 --seed 2 --objective fisher")
     assert reproduce.command_line("resnet20", "multi-stage-no-bn", 0.9, 0, {"damping": 0.01}) == (
-        "cbs prune --model resnet20 --sparsity 0.9 --seed 0 --damping 0.01 --no-bn-reestimate")
+        "cbs prune --model resnet20 --sparsity 0.9 --seed 0 --objective fisher --damping 0.01 --no-bn-reestimate")
+    assert reproduce.command_line("resnet20", "layerwise", 0.5, 1, {}) == (
+        "cbs prune --model resnet20 --sparsity 0.5 --seed 1 --objective reconstruction")
+
+
+def test_the_layerwise_row_is_what_cbs_prune_runs_without_flags_up_to_0_7():
+    """The recommendation by sparsity: ResNet20's `cbs prune` with no flag runs the `layerwise` row's settings
+    up to 0.7 and the `multi-stage` row's above; MLPNet runs `multi-stage` everywhere."""
+    from engine.config import PruneConfig
+    from engine.pipeline import settle
+    from engine.recommend import zoo_profile
+
+    for model, s, label in [("resnet20", 0.5, "layerwise"), ("resnet20", 0.7, "layerwise"),
+                            ("resnet20", 0.8, "multi-stage"), ("resnet20", 0.9, "multi-stage"),
+                            ("mlpnet", 0.5, "multi-stage")]:
+        plain, bn, _ = settle(zoo_profile(model), s, {"seed": 0, "progress": False})
+        assert PruneConfig(sparsity=s, **plain).to_dict() == reproduce.run_config(model, label, s, 0, {}).to_dict()
+        assert plain.get("objective", "fisher") == ("reconstruction" if label == "layerwise" else "fisher")
+        assert bn == (model == "resnet20")
