@@ -322,8 +322,11 @@ def _worker(tasks: Any, results: Any, threads: int, sweep_args: tuple) -> None:
         retain_freed_memory()  # spawned: the parent's malloc settings do not carry over
         torch.set_num_threads(threads)
         sweep = _Sweep(*sweep_args)
+        parent = mp.parent_process()
         while (unit := tasks.get()) is not None:
             for label, s, seed in unit:
+                if parent is not None and not parent.is_alive():  # the sweep was killed: stop, nobody records
+                    return
                 results.put(("record", sweep.run(label, s, seed)))
         results.put(("done", None))
     except BaseException:  # noqa: BLE001 - the parent reports it and stops the other workers
