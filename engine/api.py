@@ -20,13 +20,15 @@ from torch import nn
 from .errors import invalid_option
 from .losses import cross_entropy, top1_accuracy
 from .pipeline import execute, prepare
+from .settings import option
 
 __all__ = ["prune_model"]
 
 
 def prune_model(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, loss: Callable = cross_entropy,
                 metric: Callable = top1_accuracy, params: str | list[str] | None = None,
-                bn_reestimate: bool | None = None, bn_samples: int = 4000, stage_test: bool = True,
+                bn_reestimate: bool | None = None, bn_samples: int = option("bn_samples").default,
+                stage_test: bool = option("stage_test").default,
                 out: str | None = None, cache: dict | None = None, resume: bool = False,
                 **settings: Any) -> dict[str, Any]:
     """Prune ``model`` to ``sparsity`` with the recommended pipeline; the record (as ``cbs prune`` writes it).

@@ -51,7 +51,7 @@ class BatchNormPlan:
     of the data's own black level (the per-channel minimum of the drawn samples, so the user's normalisation
     is respected), flipped with probability ½: how CIFAR-style networks saw their data in training."""
 
-    samples: int = 4000
+    samples: int = option("bn_samples").default
     augment: str = "none"
 
     def __post_init__(self) -> None:
@@ -154,7 +154,7 @@ def settle(profile: Profile, sparsity: float, settings: dict[str, Any], transpos
     that turns a profile and the user's settings into a run's settings (:func:`prepare`, and
     ``scripts/reproduce.py`` for the zoo models without loading them)."""
     rec = recommend(profile, sparsity, settings.get("method"), settings.get("objective"), settings)
-    # a layer-wise recommendation is one pass whose settings are its own (recommend); N:M on the Fisher objective
+    # a layer-wise recommendation is one pass whose settings are recommend's own
     if rec.get("objective") != "reconstruction" and settings.get("pattern") not in (None, "unstructured"):
         # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
         # weight is stored transposed (its groups run down the stored columns)
@@ -169,8 +169,9 @@ def settle(profile: Profile, sparsity: float, settings: dict[str, Any], transpos
 
 def prepare(model: nn.Module, train: Any, test: Any = None, *, sparsity: float, settings: dict[str, Any] | None = None,
             params: str | list[str] | None = None, loss: Callable = cross_entropy, metric: Callable = top1_accuracy,
-            bn_reestimate: bool | None = None, bn_samples: int = 4000, bn_augment: str | None = None,
-            stage_test: bool = True, describe_inputs: dict[str, Any] | None = None) -> Prepared:
+            bn_reestimate: bool | None = None, bn_samples: int = option("bn_samples").default,
+            bn_augment: str | None = None, stage_test: bool = option("stage_test").default,
+            describe_inputs: dict[str, Any] | None = None) -> Prepared:
     """Check everything and settle the settings: the recommendation for this model and data (:mod:`engine.
     recommend`), then ``settings`` (the user's PruneConfig keywords) over it. Raises a clear error on any bad
     input before any work. ``stage_test=False`` skips the test pass after every stage (the record's per-stage
