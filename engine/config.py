@@ -84,6 +84,16 @@ class _ConfigMethods:
         if self.objective == "reconstruction" and self.stages != 1:
             raise invalid_option("stages", where, "1 with objective 'reconstruction' (one pass, layer by layer)",
                                  self.stages)
+        if self.warm_start is not None:
+            if self.objective != "fisher":
+                raise invalid_option("warm_start", where, "None with objective 'reconstruction' (the run is "
+                                     "layer-wise already)", self.warm_start)
+            if self.warm_start >= self.sparsity:
+                raise invalid_option("warm_start", where, f"a sparsity below the target {self.sparsity:g} (or None)",
+                                     self.warm_start)
+            if self.pattern is not None:
+                raise invalid_option("warm_start", where, "None with an N:M pattern (one pass fixes every block's "
+                                     "count)", self.warm_start)
         if self.compensate and not self.first_order:
             raise invalid_option("first_order", where, "True when compensate names parameters (without the "
                                  "gradient term their update is zero)", False)

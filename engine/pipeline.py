@@ -26,7 +26,7 @@ from .losses import batch_loss_sum, cross_entropy, top1_accuracy
 from .masking import make_permanent
 from .params import select_parameters
 from .progress import get_logger, progress
-from .pruner import check_prune_inputs, prune
+from .pruner import check_prune_inputs, prune, stage_schedule
 from .recommend import PAPER, Profile, as_dict, describe, profile_of, recommend
 from .reconstruction import check_reconstruction_inputs, prune_reconstruction
 from .records import environment, to_jsonable, write_folder_atomic
@@ -159,6 +159,7 @@ def settle(profile: Profile, sparsity: float, settings: dict[str, Any], transpos
         # N:M on the Fisher objective: one pass (the groups fix every block's count), rows as blocks when a
         # weight is stored transposed (its groups run down the stored columns)
         rec.update(stages=1, allocation="uniform", **({"block_mode": "row"} if transposed else {}))
+        rec.pop("warm_start", None)
     rec_bn, rec_augment = rec.pop("bn_reestimate"), rec.pop("bn_augment")
     if bn_reestimate is None:
         bn_reestimate = rec_bn
@@ -241,9 +242,10 @@ def execute(run: Prepared, out: str | None = None, cache: dict | None = None,
         report = prune_reconstruction(run.model, run.names, run.train, config, resume_from=book.layers(),
                                       on_progress=book.on_layer if saving else None)
     else:
+        staged = len(stage_schedule(config)) > 1
         report = prune(run.model, run.names, run.train, config, loss=run.loss, transposed=run.transposed,
-                       on_stage=on_stage if config.stages > 1 else None, cache=cache, resume_from=book.stages(),
-                       on_progress=book.on_stage if saving and config.stages > 1 else None)
+                       on_stage=on_stage if staged else None, cache=cache, resume_from=book.stages(),
+                       on_progress=book.on_stage if saving and staged else None)
     record: dict[str, Any] = {**run.describe, "method": config.method_name, "update": config.applies_update,
                               "sparsity": config.sparsity, "achieved_sparsity": report.achieved_sparsity,
                               "recommendation": run.chosen}

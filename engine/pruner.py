@@ -36,10 +36,12 @@ from .resume import StageProgress, check_callback
 from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .sources import as_samples
+from .reconstruction import check_reconstruction_inputs, warm_config, warm_stage
 from .stage import Run, run_stage
 from .variants import compensating_parameters
 
-__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "check_prune_inputs"]
+__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "prune", "check_prune_inputs",
+           "stage_schedule"]
 
 log = get_logger(__name__)
 
@@ -78,6 +80,8 @@ def check_prune_inputs(model: nn.Module, parameter_names: list[str], n_train: in
             if config.holdout_loss and rows + config.loss_samples > n_train:
                 raise invalid_option("loss_samples", "prune()", f"at most the {n_train - rows} training samples "
                                      f"left after the {rows} Fisher samples (holdout_loss)", config.loss_samples)
+    if config.warm_start is not None:  # the layer-wise first stage: its layers and calibration count
+        check_reconstruction_inputs(model, list(parameter_names), n_train, warm_config(config))
     if config.needs_gradients:
         _check_memory(config, sum(params[n].numel() for n in parameter_names))
     from .executor import make_executor
@@ -139,6 +143,17 @@ def _check_memory(config: PruneConfig, n_weights: int) -> None:
                              "(--params)", config.fisher_samples)
 
 
+def stage_schedule(config: PruneConfig) -> list[float]:
+    """The target sparsity of every stage of a run: ``config.stages`` stages of ``config.schedule`` from 0 to
+    ``config.sparsity`` (:func:`formulations.allocation.sparsity_schedule`); with ``config.warm_start`` = s₀ the
+    stages whose target is at most s₀ are replaced by one layer-wise stage to s₀ (the run has one stage more or
+    fewer than ``stages``; 8 poly stages to 0.8 from a warm start at 0.7: 0.7, 0.758, 0.788, 0.798, 0.8)."""
+    schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
+    if config.warm_start is None:
+        return schedule
+    return [config.warm_start, *(s for s in schedule if s > config.warm_start + 1e-9)]  # 0.8 − 0.1 ≠ 0.7
+
+
 def prune(
     model: nn.Module,
     parameter_names: list[str],
@@ -185,7 +200,7 @@ def prune(
     params = dict(model.named_parameters())
     original = {n: params[n].detach().clone() for n in run.moved}
     alive = {n: torch.ones(params[n].numel(), dtype=torch.bool) for n in parameter_names}
-    schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
+    schedule = stage_schedule(config)
     stages: list[StageRecord] = []
     totals = {"fisher": 0.0, "select": 0.0, "update": 0.0, "prune": 0.0}
     check_callback(on_progress, "on_progress", "prune()", "a StageProgress")
@@ -200,7 +215,10 @@ def prune(
         for t, target in stages_bar:
             if t < first:
                 continue
-            outcome = run_stage(run, t, target, alive)
+            if t == 0 and config.warm_start is not None:
+                outcome = warm_stage(run, target)
+            else:
+                outcome = run_stage(run, t, target, alive)
             stages.append(outcome.record)
             for key in totals:
                 totals[key] += getattr(outcome, key)

@@ -235,7 +235,10 @@ class Book:
             s["tensors"]["masks"], [LayerRecord(**r) for r in s["info"]["records"]], s["tensors"]["weights"])
 
     def on_stage(self, progress: StageProgress) -> None:  # prune()'s on_progress
-        self.save("stage", progress.done, self.run.config.stages, {"state": progress.state, "alive": progress.alive},
+        from .pruner import stage_schedule  # a warm start changes the count (engine.pruner.stage_schedule)
+
+        self.save("stage", progress.done, len(stage_schedule(self.run.config)),
+                  {"state": progress.state, "alive": progress.alive},
                   {"stages": [asdict(r) for r in progress.stages], "totals": progress.totals})
 
     def on_layer(self, progress: LayerProgress) -> None:  # prune_layerwise()'s on_progress

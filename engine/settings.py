@@ -244,6 +244,8 @@ PRUNE_OPTIONS: tuple[Option, ...] = (
        choices=("fisher", "reconstruction")),
     _S("calibration_samples", "int", 128, "reconstruction: samples whose layer inputs build H", 1),
     _S("sequential", "bool", True, "reconstruction: layers see the pruned layers' outputs"),
+    _S("warm_start", "float", None, "fisher: stages start from layer-wise reconstruction to S (none: dense)",
+       0.0, 1.0, high_open=True, nullable=True, metavar="S"),
     _S("pattern", "object", None, "keep N of every M consecutive inputs of every row (both objectives)",
        validator=_pattern,
        nullable=True,

@@ -62,7 +62,7 @@ from engine.models import PRUNABLE_PRESETS, load_model
 from engine.pipeline import evaluate_samples, execute, peak_memory_mb, prepare, settle
 from engine.plots import accuracy_plot
 from engine.progress import progress
-from engine.recommend import PAPER, flag_form, zoo_profile
+from engine.recommend import PAPER, WARM_START, flag_form, zoo_profile
 from engine.sources import Samples
 from engine.published import PUBLISHED
 from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl
@@ -97,13 +97,18 @@ class Label(NamedTuple):
     gives (flags, ``--param``; or a function of the sparsity giving them), ``seeds`` "all" (every --seeds) or
     "one" (the first), ``params`` the ``--params`` (None: cbs prune's default, or the cbs preset that
     ``--method cbs`` picks), ``bn`` ``--bn-reestimate`` (True), ``--no-bn-reestimate`` (False) or neither
-    (None: the recommendation's). The recommendation fills the rest exactly as for `cbs prune`
-    (:func:`engine.pipeline.settle`)."""
+    (None: the recommendation's), ``above`` the sparsity above which the row runs (None: at every one). The
+    recommendation fills the rest exactly as for `cbs prune` (:func:`engine.pipeline.settle`)."""
 
     settings: Any
     seeds: str
     params: str | None = None
     bn: bool | None = None
+    above: float | None = None
+
+    def runs_at(self, sparsity: float) -> bool:
+        """Whether the row has a run at ``sparsity``."""
+        return self.above is None or sparsity > self.above + 1e-9
 
 
 def _paper(model: str, **settings: Any) -> Label:
@@ -124,7 +129,8 @@ CONFIGS: dict[str, dict[str, Label]] = {
         "woodfisher+update": _paper(model, method="woodfisher", update=True),
         "iht": _paper(model, method="iht", update=True, time_limit=60.0),
         "swap": _paper(model, method="swap", update=True, time_limit=60.0),
-        "multi-stage": Label(dict(objective="fisher"), "all"),
+        "multi-stage": Label(dict(objective="fisher", **({"warm_start": None} if model == "resnet20" else {})),
+                             "all"),
         "single-stage": Label(lambda s: dict(SINGLE), "all", None, True if model == "resnet20" else None),
     }
     for model in ("mlpnet", "resnet20")
@@ -139,7 +145,13 @@ CONFIGS["resnet20"]["single-stage-lc"] = Label(dict(method="magnitude", update=T
                                                     damping=1e-7, allocation="loss_curve"), "all", "cbs", True)
 #: ResNet20's recommendation under CHITA's protocol: no BatchNorm re-estimation, between stages or after
 #: (`cbs prune --model resnet20 --no-bn-reestimate`; the step search then scores losses on running statistics)
-CONFIGS["resnet20"]["multi-stage-no-bn"] = Label(dict(objective="fisher"), "one", None, False)
+CONFIGS["resnet20"]["multi-stage-no-bn"] = Label(dict(objective="fisher", warm_start=None), "one", None, False)
+#: ResNet20's recommendation above 0.7: the Fisher multi-stage run started from the layer-wise run at 0.7
+#: (`cbs prune --model resnet20 --sparsity S`, S > 0.7; engine.recommend.WARM_START), with and without
+#: BatchNorm re-estimation
+CONFIGS["resnet20"]["warm-start"] = Label(dict(objective="fisher"), "all", above=WARM_START["batchnorm"])
+CONFIGS["resnet20"]["warm-start-no-bn"] = Label(dict(objective="fisher"), "one", None, False,
+                                                above=WARM_START["batchnorm"])
 #: layer-wise reconstruction (`cbs prune --objective reconstruction`: ADMM with the refit on 128 calibration
 #: images, every pruned layer in turn, BatchNorm re-estimated after), beside the Fisher path; what `cbs prune`
 #: runs for ResNet20 up to 0.7 when given no flag (engine.recommend.LAYERWISE_UP_TO)
@@ -157,7 +169,7 @@ RUN_SECONDS = {
                "iht": 70, "swap": 40, "multi-stage": 0.4},
     "resnet20": {"magnitude": 15, "woodfisher": 18, "cbs": 55, "magnitude+update": 10, "woodfisher+update": 10,
                  "iht": 69, "swap": 120, "multi-stage": 60, "single-stage-lc": 350, "multi-stage-no-bn": 45,
-                 "layerwise": 90},
+                 "layerwise": 90, "warm-start": 90, "warm-start-no-bn": 80},
 }
 #: labels whose runs reuse another label's cached results beyond the gradients (the same supports, so
 #: the same update; diag(H⁻¹)), so a parallel sweep keeps them in that label's unit
@@ -427,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"argument --sparsities: every value must be in [0, 1). Got {sparsities}.")
     try:  # every selected run's settings with the overrides: a bad value fails here, before any work
         for label in labels:
-            for s in sparsities:
+            for s in filter(configs[label].runs_at, sparsities):
                 run_config(model_name, label, s, 0, overrides, args.preset)
     except (CBSError, TypeError) as exc:
         ap.error(f"argument --set: {exc}")
@@ -442,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {_key(r): r for r in read_jsonl(records)} if records.exists() else {}
 
     runs = [(label, s, seed) for seed in args.seeds for label in labels for s in sparsities
-            if configs[label][1] == "all" or seed == args.seeds[0]]
+            if (configs[label].seeds == "all" or seed == args.seeds[0]) and configs[label].runs_at(s)]
     todo = [] if args.report else [r for r in runs if (r[0], round(r[1], 6), r[2]) not in done]
     jobs = min(args.jobs, max(len(todo), 1))
     threads = args.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)

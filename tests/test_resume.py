@@ -112,24 +112,29 @@ def _one_error(capsys) -> str:
     return lines[-1]
 
 
-def test_a_multistage_run_resumed_after_a_stage_is_the_uninterrupted_run(tmp_path, bn_spec, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--warm-start", "0.5")], ids=["dense-start", "warm-start"])
+def test_a_multistage_run_resumed_after_a_stage_is_the_uninterrupted_run(tmp_path, bn_spec, capsys, monkeypatch,
+                                                                          extra):
+    """With --warm-start 0.5 the exp schedule 0.331, 0.552, 0.7 becomes 0.5 (layer-wise), 0.552, 0.7: the cut
+    falls after the layer-wise stage."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(_fisher(bn_spec, whole)) == 0
+    assert main(_fisher(bn_spec, whole, *extra)) == 0
     assert sorted(p.name for p in whole.iterdir()) == ["checkpoint.pt", "mask.pt", "model.pt", "record.json"]
     record = json.loads((whole / "record.json").read_text())
     assert len(record["stages"]) == 3 and "accuracy" in record["stages"][0] and record["bn_reestimate"]
+    assert ("warm_start" in record["stages"][0]["extra"]) == bool(extra)
 
     with monkeypatch.context() as m:  # killed in stage 2's checkpoint: the folder is stage 1's, as a whole
         _interrupt_at(m, 2, before_writing=True)
-        assert main(_fisher(bn_spec, cut)) == 130
+        assert main(_fisher(bn_spec, cut, *extra)) == 130
     assert "continues from its last stage or layer with --resume" in _one_error(capsys)
     assert sorted(p.name for p in cut.iterdir()) == ["checkpoint.pt", "progress.json"]
     note = json.loads((cut / "progress.json").read_text())
     assert note["unit"] == "stage" and note["done"] == 1 and note["of"] == 3 and not note["finished"]
 
-    assert main(_fisher(bn_spec, cut)) == 2  # without --resume: continue it or replace it, never mix
+    assert main(_fisher(bn_spec, cut, *extra)) == 2  # without --resume: continue it or replace it, never mix
     assert "pass --resume" in _one_error(capsys)
-    assert main(_fisher(bn_spec, cut, "--resume")) == 0
+    assert main(_fisher(bn_spec, cut, *extra, "--resume")) == 0
     assert "resuming" in capsys.readouterr().err
     _assert_same_run(whole, cut)
 
