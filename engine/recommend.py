@@ -11,9 +11,9 @@ The recommendation depends on properties of the model and the data, never on the
 * whether the inputs are image batches (crop-and-flip augmentation for BatchNorm re-estimation).
 
 With no method named, the recommendation is our best measured configuration (docs/results.md): for BatchNorm
-models up to 0.7 sparsity, layer-wise reconstruction (:data:`LAYERWISE_UP_TO`); otherwise multi-stage
+models up to 0.6 sparsity, layer-wise reconstruction (:data:`LAYERWISE_UP_TO`); otherwise multi-stage
 pruning by magnitude with the CBS-U update, the first-order term and the step search, for BatchNorm models
-above 0.7 started from the layer-wise run at 0.7 (:data:`WARM_START`) (the zoo's MLPNet is a
+started from a layer-wise run at 0.6 or 0.7 (:data:`WARM_START`) (the zoo's MLPNet is a
 "small" model, ResNet20 a "batchnorm" one, so their measured settings are the table's rows). Naming a method
 gives the paper-style single stage :data:`PLAIN`; naming ``cbs`` gives the CBS paper's setting for the profile
 (:data:`PAPER` with :data:`PAPER_CBS`, the setting ``scripts/reproduce.py`` runs as ``cbs``).
@@ -30,7 +30,8 @@ from .errors import invalid_option
 
 __all__ = ["Profile", "profile_of", "recommend", "recommended", "recommends_bn_reestimate", "describe", "flag_form", "fit", "zoo_profile",
            "layerwise_chosen", "LAYERWISE_UP_TO",
-           "PLAIN", "PAPER", "PAPER_CBS", "RECIPES", "STAGES", "WHOLE_MAX", "WARM_START"]
+           "PLAIN", "PAPER", "PAPER_CBS", "RECIPES", "STAGES", "WHOLE_MAX", "WARM_START",
+           "warm_start_for"]
 
 #: the most prunable weights of a model pruned as one whole-network block (MLPNet: 32,360)
 WHOLE_MAX = 100_000
@@ -125,13 +126,21 @@ def fit(settings: dict[str, Any], n_train: int) -> dict[str, Any]:
 #: calibration samples, layers in turn, BatchNorm re-estimated after) instead of the Fisher multi-stage run.
 #: ResNet20 on the full CIFAR-10 training set, mean of three seeds (docs/results.md): it is above multi-stage
 #: at 0.5, 0.6 and 0.7 in a fifth to a third of the time, and below it from 0.8
-LAYERWISE_UP_TO: dict[str, float] = {"batchnorm": 0.7}
+LAYERWISE_UP_TO: dict[str, float] = {"batchnorm": 0.6}
 
-#: profiles whose Fisher recommendation above :data:`LAYERWISE_UP_TO` starts from the layer-wise run at this
-#: sparsity (``warm_start``: the schedule's stages up to it are one layer-wise reconstruction with the loss-curve
-#: budget across layers, BatchNorm re-estimated after it as after every stage). ResNet20, seed 0: 89.33 at 0.8
-#: against 88.22 from the dense model, in about half the time (docs/results.md)
-WARM_START: dict[str, float] = {"batchnorm": 0.7}
+#: profiles whose Fisher recommendation starts from a layer-wise run (``warm_start``: the schedule's stages up to
+#: it are one layer-wise reconstruction with the loss-curve budget across layers, BatchNorm re-estimated after it
+#: as after every stage): (upper target sparsity, warm start), the first row whose bound is >= the target, when
+#: its warm start is below the target. ResNet20, seed 0: 90.40 at 0.7 from 0.6 and 89.33 at 0.8 from 0.7,
+#: against 89.43 and 88.22 from the dense model (docs/results.md)
+WARM_START: dict[str, list[tuple[float, float]]] = {"batchnorm": [(0.7, 0.6), (1.0, 0.7)]}
+
+
+def warm_start_for(kind: str, sparsity: float) -> float | None:
+    """The recommendation's ``warm_start`` for a Fisher run of profile ``kind`` at ``sparsity`` (None: from the
+    dense model): :data:`WARM_START`."""
+    warm = next((w for bound, w in WARM_START.get(kind, []) if sparsity <= bound), None)
+    return warm if warm is not None and warm < sparsity else None
 
 #: settings the layer-wise path reads beside those of every run: naming any other setting (``--stages``,
 #: ``--fisher-samples``, ``--pattern``, ...) keeps the Fisher recommendation at every sparsity
@@ -175,8 +184,8 @@ def recommend(profile: Profile, sparsity: float, method: Any = None, objective: 
         settings = {**PLAIN, "method": method}
         if method == "cbs":  # the paper's method: the paper's setting (the parameter preset is the caller's)
             settings.update({k: v for k, v in PAPER[kind].items() if k != "params"}, **PAPER_CBS[kind])
-    if method is None and sparsity > WARM_START.get(kind, 1.0):
-        settings["warm_start"] = WARM_START[kind]
+    if method is None and warm_start_for(kind, sparsity) is not None:
+        settings["warm_start"] = warm_start_for(kind, sparsity)
     settings = fit(settings, profile.n_train)
     settings["bn_reestimate"] = profile.has_batchnorm and method is None
     settings["bn_augment"] = "crop-flip" if profile.image_inputs else "none"

@@ -7,8 +7,12 @@ Every run is a `cbs prune` run: the same code (:func:`engine.pipeline.prepare`, 
 with the settings of the command line each record keeps (``command``), on the full training set of the model
 (MNIST 60,000, CIFAR-10 50,000 images). A label of ``CONFIGS[model]`` is the flags of such a command: the
 paper rows (``magnitude``, ``woodfisher``, their ``+update``, ``iht``, ``swap``) give the paper's setting and,
-for ResNet20, ``--params cbs --bn-reestimate``; ``cbs`` is ``--method cbs``; ``multi-stage`` is no flag at
-all, the recommendation. Each is run at every sparsity (MLPNet 0.5 … 0.98, ResNet20 0.5 … 0.9) and for
+for ResNet20, ``--params cbs --bn-reestimate``; ``cbs`` is ``--method cbs``; ``multi-stage`` is the Fisher
+multi-stage run from the dense model (``--objective fisher``, for ResNet20 with ``--warm-start none``),
+``layerwise`` is ``--objective reconstruction``, and ResNet20's ``warm-start`` (above 0.6 only) is the Fisher
+run from a layer-wise run (at 0.6 for 0.7, at 0.7 above): with ``layerwise`` up to 0.6, what ``cbs prune`` runs
+without a flag.
+Each is run at every sparsity (MLPNet 0.5 … 0.98, ResNet20 0.5 … 0.9) and for
 every seed where the method draws at random (``seeds``: the RMP masks of cbs, the per-stage sample draws of
 multi-stage). Single-stage configurations of one seed share the gradients (``execute(..., cache=...)``).
 
@@ -17,7 +21,8 @@ the same command skips what is done, so an interrupted sweep resumes), ``table.m
 over seeds, the published numbers beside), ``timing.md`` (seconds and peak memory of each run),
 ``accuracy.png``; and prints where it wrote them. ResNet20 has two tables: with BatchNorm re-estimation,
 and without it (CHITA's protocol: single-stage runs measured before their final re-estimation, and
-``multi-stage-no-bn``, the recommendation with ``--no-bn-reestimate``, which never re-estimates; seed 0).
+``multi-stage-no-bn`` and ``warm-start-no-bn``, those runs with ``--no-bn-reestimate``, which never
+re-estimate; seed 0).
 
 Labels outside the default sweep (``--configs`` names them): ``single-stage`` (the recommendation in one
 stage with the mean-coupled Newton step and every unpruned parameter compensating), ``single-stage-lc``
@@ -62,7 +67,7 @@ from engine.models import PRUNABLE_PRESETS, load_model
 from engine.pipeline import evaluate_samples, execute, peak_memory_mb, prepare, settle
 from engine.plots import accuracy_plot
 from engine.progress import progress
-from engine.recommend import PAPER, WARM_START, flag_form, zoo_profile
+from engine.recommend import LAYERWISE_UP_TO, PAPER, flag_form, zoo_profile
 from engine.sources import Samples
 from engine.published import PUBLISHED
 from engine.records import append_jsonl, atomic_write_bytes, environment, read_jsonl
@@ -117,9 +122,10 @@ def _paper(model: str, **settings: Any) -> Label:
     return Label({**settings, **BASE[model]}, "one", PAPER_PARAMS[model], True if model == "resnet20" else None)
 
 
-#: label -> Label. "multi-stage" is `cbs prune --model MODEL --sparsity S --seed K`, the recommendation (no
-#: method named); "cbs" is `cbs prune --method cbs` (the paper's setting, engine.recommend.PAPER_CBS). iht and
-#: swap get a 60 s limit per block so that a sweep stays bounded.
+#: label -> Label. "multi-stage" is `cbs prune --model MODEL --sparsity S --seed K --objective fisher`, the Fisher
+#: recommendation from the dense model (ResNet20: `--warm-start none`); "cbs" is `cbs prune --method cbs` (the
+#: paper's setting, engine.recommend.PAPER_CBS). iht and swap get a 60 s limit per block so that a sweep stays
+#: bounded.
 CONFIGS: dict[str, dict[str, Label]] = {
     model: {
         "magnitude": _paper(model, method="magnitude", update=False),
@@ -143,18 +149,18 @@ SINGLE: dict[str, Any] = dict(stages=1, step_search_bn=False, couple_mean=True, 
 #: single-sample rows, twice as many, λ = 1e-7 and the loss-curve budget (docs/results.md)
 CONFIGS["resnet20"]["single-stage-lc"] = Label(dict(method="magnitude", update=True, fisher_samples=2000,
                                                     damping=1e-7, allocation="loss_curve"), "all", "cbs", True)
-#: ResNet20's recommendation under CHITA's protocol: no BatchNorm re-estimation, between stages or after
-#: (`cbs prune --model resnet20 --no-bn-reestimate`; the step search then scores losses on running statistics)
+#: ResNet20's Fisher run from the dense model under CHITA's protocol: no BatchNorm re-estimation, between stages
+#: or after (`--no-bn-reestimate`; the step search then scores losses on running statistics)
 CONFIGS["resnet20"]["multi-stage-no-bn"] = Label(dict(objective="fisher", warm_start=None), "one", None, False)
-#: ResNet20's recommendation above 0.7: the Fisher multi-stage run started from the layer-wise run at 0.7
-#: (`cbs prune --model resnet20 --sparsity S`, S > 0.7; engine.recommend.WARM_START), with and without
-#: BatchNorm re-estimation
-CONFIGS["resnet20"]["warm-start"] = Label(dict(objective="fisher"), "all", above=WARM_START["batchnorm"])
+#: ResNet20's recommendation above 0.6: the Fisher multi-stage run started from the layer-wise run at 0.6 (for
+#: 0.7) or 0.7 (above) (`cbs prune --model resnet20 --sparsity S`; engine.recommend.WARM_START), with and
+#: without BatchNorm re-estimation
+CONFIGS["resnet20"]["warm-start"] = Label(dict(objective="fisher"), "all", above=LAYERWISE_UP_TO["batchnorm"])
 CONFIGS["resnet20"]["warm-start-no-bn"] = Label(dict(objective="fisher"), "one", None, False,
-                                                above=WARM_START["batchnorm"])
+                                                above=LAYERWISE_UP_TO["batchnorm"])
 #: layer-wise reconstruction (`cbs prune --objective reconstruction`: ADMM with the refit on 128 calibration
 #: images, every pruned layer in turn, BatchNorm re-estimated after), beside the Fisher path; what `cbs prune`
-#: runs for ResNet20 up to 0.7 when given no flag (engine.recommend.LAYERWISE_UP_TO)
+#: runs for ResNet20 up to 0.6 when given no flag (engine.recommend.LAYERWISE_UP_TO)
 for _model in CONFIGS:
     CONFIGS[_model]["layerwise"] = Label(dict(objective="reconstruction"), "all")
 #: labels a sweep runs only when --configs names them

@@ -257,22 +257,24 @@ def test_command_lines_name_every_setting_of_the_row():
         "cbs prune --model resnet20 --sparsity 0.5 --seed 1 --objective reconstruction")
 
 
-def test_the_layerwise_row_is_what_cbs_prune_runs_without_flags_up_to_0_7():
+def test_the_layerwise_row_is_what_cbs_prune_runs_without_flags_up_to_0_6():
     """The recommendation by sparsity: ResNet20's `cbs prune` with no flag runs the `layerwise` row's settings
-    up to 0.7 and the `warm-start` row's above (the Fisher stages from the layer-wise run at 0.7); MLPNet runs
-    `multi-stage` everywhere. The `multi-stage` row of ResNet20 is the Fisher run from the dense model."""
+    up to 0.6 and the `warm-start` row's above (the Fisher stages from the layer-wise run at 0.6 for 0.7, at
+    0.7 above); MLPNet runs `multi-stage` everywhere. ResNet20's `multi-stage` row starts from the dense model."""
     from engine.config import PruneConfig
     from engine.pipeline import settle
     from engine.recommend import zoo_profile
 
-    for model, s, label in [("resnet20", 0.5, "layerwise"), ("resnet20", 0.7, "layerwise"),
-                            ("resnet20", 0.8, "warm-start"), ("resnet20", 0.9, "warm-start"),
+    for model, s, label in [("resnet20", 0.5, "layerwise"), ("resnet20", 0.6, "layerwise"),
+                            ("resnet20", 0.7, "warm-start"), ("resnet20", 0.8, "warm-start"),
+                            ("resnet20", 0.9, "warm-start"),
                             ("mlpnet", 0.5, "multi-stage")]:
         plain, bn, _ = settle(zoo_profile(model), s, {"seed": 0, "progress": False})
         assert PruneConfig(sparsity=s, **plain).to_dict() == reproduce.run_config(model, label, s, 0, {}).to_dict()
         assert plain.get("objective", "fisher") == ("reconstruction" if label == "layerwise" else "fisher")
         assert bn == (model == "resnet20")
-        assert plain.get("warm_start") == (0.7 if label == "warm-start" else None)
+        assert plain.get("warm_start") == ({0.7: 0.6}.get(s, 0.7) if label == "warm-start" else None)
     cold = reproduce.run_config("resnet20", "multi-stage", 0.8, 0, {})
     assert cold.warm_start is None and cold.stages == 8
-    assert not reproduce.CONFIGS["resnet20"]["warm-start"].runs_at(0.7)
+    assert not reproduce.CONFIGS["resnet20"]["warm-start"].runs_at(0.6)
+    assert reproduce.CONFIGS["resnet20"]["warm-start"].runs_at(0.7)

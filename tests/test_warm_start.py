@@ -16,7 +16,7 @@ from engine.errors import InvalidOptionError
 from engine.models import small_mlp
 from engine.pipeline import settle
 from engine.pruner import check_prune_inputs, prune, stage_schedule
-from engine.recommend import Profile, recommend, zoo_profile
+from engine.recommend import Profile, recommend, warm_start_for, zoo_profile
 from engine.reconstruction import prune_reconstruction, warm_config
 from engine.sources import as_samples
 
@@ -96,12 +96,15 @@ def test_the_layerwise_stage_is_checked_before_any_work(digits):
         check_prune_inputs(base, names, len(train), config)
 
 
-def test_the_recommendation_warm_starts_batchnorm_models_above_0_7_only():
+def test_the_recommendation_warm_starts_batchnorm_models_above_0_6_only():
+    """WARM_START: from 0.6 up to 0.7, from 0.7 above; layer-wise alone up to 0.6 (LAYERWISE_UP_TO)."""
     resnet = zoo_profile("resnet20")
     assert recommend(resnet, 0.8)["warm_start"] == 0.7 and recommend(resnet, 0.9)["warm_start"] == 0.7
+    assert recommend(resnet, 0.7)["warm_start"] == 0.6 and recommend(resnet, 0.65)["warm_start"] == 0.6
     assert recommend(resnet, 0.8, objective="fisher")["warm_start"] == 0.7
-    assert recommend(resnet, 0.7)["objective"] == "reconstruction"
-    assert "warm_start" not in recommend(resnet, 0.7, objective="fisher")
+    assert recommend(resnet, 0.6)["objective"] == "reconstruction"
+    assert warm_start_for("batchnorm", 0.6) is None and warm_start_for("batchnorm", 0.75) == 0.7
+    assert "warm_start" not in recommend(resnet, 0.6, objective="fisher")
     assert "warm_start" not in recommend(resnet, 0.8, method="cbs")
     assert "warm_start" not in recommend(zoo_profile("mlpnet"), 0.9)
     assert "warm_start" not in recommend(Profile(10**7, False, 10**5, False), 0.9)
