@@ -50,9 +50,12 @@ def accuracy_plot(
     plt = _pyplot()
     rows = list(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in rows):
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    # tab10 repeats from the eleventh curve: a second marker keeps two curves of one colour apart
+    for i, label in enumerate(labels):
         pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["label"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}{suffix}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os"[i // 10 % 2], color=f"C{i % 10}",
+                label=f"{label}{suffix}")
     styles = [("--", "x"), (":", "s"), ("-.", "^"), ((0, (5, 1)), "v"), ((0, (1, 1)), "d")]
     for i, (name, curve) in enumerate((references or {}).items()):
         line, marker = styles[i % len(styles)]

@@ -323,6 +323,16 @@ def option(name: str) -> Option:
     return _BY_NAME[name]
 
 
+class _StoreValue(argparse.Action):
+    """Store the value; a nullable flag given as ``none`` is remembered as given (``--warm-start none`` must
+    override a recommendation that sets it, where a flag left at None leaves the recommendation's value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        if values is None:
+            namespace.__dict__.setdefault("_given_none", set()).add(self.dest)
+
+
 def add_flags(parser: argparse.ArgumentParser, options: tuple[Option, ...], skip: tuple[str, ...] = ()) -> None:
     """One flag per public option (default None: "not given", so the recommendation decides)."""
     for o in options:
@@ -342,9 +352,12 @@ def add_flags(parser: argparse.ArgumentParser, options: tuple[Option, ...], skip
         else:
             metavar = o.metavar or {"int": "N", "float": "X"}.get(o.kind, "VALUE")
             parser.add_argument(o.flag, type=o.argparse_type(), default=None, required=required, metavar=metavar,
-                                help=help_)
+                                help=help_, action=_StoreValue)
 
 
 def given_flags(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, Any]:
-    """The settings the user gave on the command line (flags left at None are not given)."""
-    return {o.name: getattr(args, o.name) for o in options if o.public and getattr(args, o.name, None) is not None}
+    """The settings the user gave on the command line (flags left at None are not given; a nullable flag given
+    as ``none`` is)."""
+    named_none = getattr(args, "_given_none", set())
+    return {o.name: getattr(args, o.name) for o in options
+            if o.public and (getattr(args, o.name, None) is not None or o.name in named_none)}

@@ -112,17 +112,18 @@ def _one_error(capsys) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("extra", [(), ("--warm-start", "0.5")], ids=["dense-start", "warm-start"])
+@pytest.mark.parametrize("extra", [("--warm-start", "none"), ("--warm-start", "0.5")],
+                         ids=["dense-start", "warm-start"])
 def test_a_multistage_run_resumed_after_a_stage_is_the_uninterrupted_run(tmp_path, bn_spec, capsys, monkeypatch,
                                                                           extra):
     """With --warm-start 0.5 the exp schedule 0.331, 0.552, 0.7 becomes 0.5 (layer-wise), 0.552, 0.7: the cut
-    falls after the layer-wise stage."""
+    falls after the layer-wise stage (a BatchNorm model at 0.7 would warm-start at 0.6 by default)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(_fisher(bn_spec, whole, *extra)) == 0
     assert sorted(p.name for p in whole.iterdir()) == ["checkpoint.pt", "mask.pt", "model.pt", "record.json"]
     record = json.loads((whole / "record.json").read_text())
     assert len(record["stages"]) == 3 and "accuracy" in record["stages"][0] and record["bn_reestimate"]
-    assert ("warm_start" in record["stages"][0]["extra"]) == bool(extra)
+    assert ("warm_start" in record["stages"][0]["extra"]) == (extra[1] != "none")
 
     with monkeypatch.context() as m:  # killed in stage 2's checkpoint: the folder is stage 1's, as a whole
         _interrupt_at(m, 2, before_writing=True)

@@ -114,3 +114,19 @@ def test_the_recommendation_warm_starts_batchnorm_models_above_0_6_only():
     assert "warm_start" not in merged
     merged, _, _ = settle(resnet, 0.8, {"stages": 12})  # a Fisher flag keeps the warm start
     assert merged["warm_start"] == 0.7 and PruneConfig(sparsity=0.8, **merged).stages == 12
+
+
+def test_warm_start_none_on_the_command_line_overrides_the_recommendation():
+    """A nullable flag given as `none` is a setting the user gave (it must beat the recommendation's 0.7); a flag
+    not given is not."""
+    from engine.cli import build_parser
+    from engine.settings import PRUNE_OPTIONS, given_flags
+
+    base = ["prune", "--model", "resnet20", "--sparsity", "0.8", "--out", "x"]
+    parser = build_parser()
+    assert given_flags(parser.parse_args(base + ["--warm-start", "none"]), PRUNE_OPTIONS)["warm_start"] is None
+    assert given_flags(parser.parse_args(base + ["--warm-start", "0.6"]), PRUNE_OPTIONS)["warm_start"] == 0.6
+    assert "warm_start" not in given_flags(parser.parse_args(base), PRUNE_OPTIONS)
+    merged, _, _ = settle(zoo_profile("resnet20"), 0.8, given_flags(parser.parse_args(base + ["--warm-start", "none"]),
+                                                                    PRUNE_OPTIONS))
+    assert merged["warm_start"] is None
