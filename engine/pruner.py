@@ -32,11 +32,11 @@ from .errors import InvalidOptionError, describe_value, invalid_option
 from .losses import LossFn, cross_entropy, write_weights
 from .masking import apply_pruning
 from .progress import get_logger, progress
+from .reconstruction import check_reconstruction_inputs, warm_config, warm_stage
 from .resume import StageProgress, check_callback
 from .solvers.base import SubsetSolver
 from .solvers.registry import get_solver
 from .sources import as_samples
-from .reconstruction import check_reconstruction_inputs, warm_config, warm_stage
 from .stage import Run, run_stage
 from .variants import compensating_parameters
 

@@ -10,12 +10,11 @@ share of rows proven optimal and λ).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import nn
-
-from dataclasses import replace
 
 from .config import BlockRecord, PruneConfig, PruneReport, StageRecord
 from .errors import invalid_option
@@ -103,11 +102,11 @@ def warm_stage(run, target: float):
     values = {n: params[n].detach().reshape(-1).clone() for n in run.moved}
     alive = {n: report.masks[n].reshape(-1).clone() for n in run.names}
     seconds = report.prune_seconds
+    summary = {"method": config.method_name, "allocation": config.allocation,
+               "calibration_samples": config.calibration_samples,
+               "reconstruction_objective": float(sum(b.objective for b in report.blocks)),
+               "reconstruction_error": float(sum(b.extra["reconstruction_error"] for b in report.blocks))}
     record = StageRecord(stage=1, sparsity=float(target), n_keep=report.n_keep, objective_total=None,
                          fisher_seconds=0.0, select_seconds=seconds, update_seconds=0.0,
-                         extra={"warm_start": {"method": config.method_name, "allocation": config.allocation,
-                                               "calibration_samples": config.calibration_samples,
-                                               "reconstruction_objective": float(sum(b.objective for b in report.blocks)),
-                                               "reconstruction_error": float(sum(b.extra["reconstruction_error"]
-                                                                                 for b in report.blocks))}})
+                         extra={"warm_start": summary})
     return StageOutcome(record, report.blocks, [], values, alive, 0.0, seconds, 0.0, seconds)
