@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
+from formulations.allocation import sparsity_schedule
+
 from .errors import invalid_option
 from .result import SolveResult
 from .settings import PRUNE_OPTIONS, REQUIRED
 
-__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "default_update", "COMPENSATE"]
+__all__ = ["PruneConfig", "PruneReport", "BlockRecord", "StageRecord", "default_update", "COMPENSATE",
+           "stage_schedule"]
 
 #: methods whose selection is not second-order: by default their weights are only masked, not updated,
 #: so that "magnitude" means plain magnitude pruning and "magnitude" + update is one flag away.
@@ -216,3 +219,14 @@ class PruneReport:
             "objective_total": None if None in objectives else float(sum(objectives)),
             "blocks": [asdict(b) for b in self.blocks], "stages": [asdict(t) for t in self.stages],
         }
+
+
+def stage_schedule(config: PruneConfig) -> list[float]:
+    """The target sparsity of every stage of a run: ``config.stages`` stages of ``config.schedule`` from 0 to
+    ``config.sparsity`` (:func:`formulations.allocation.sparsity_schedule`); with ``config.warm_start`` = s₀ the
+    stages whose target is at most s₀ are replaced by one layer-wise stage to s₀ (the run has one stage more or
+    fewer than ``stages``; 8 poly stages to 0.8 from a warm start at 0.7: 0.7, 0.758, 0.788, 0.798, 0.8)."""
+    schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
+    if config.warm_start is None:
+        return schedule
+    return [config.warm_start, *(s for s in schedule if s > config.warm_start + 1e-9)]  # 0.8 − 0.1 ≠ 0.7

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import PruneConfig
+from .config import PruneConfig, stage_schedule
 from .data import fast_layout
 from .errors import InvalidOptionError, invalid_option
 from .evaluate import eval_mode, reestimate_batchnorm_batches
@@ -26,7 +26,7 @@ from .losses import batch_loss_sum, cross_entropy, top1_accuracy
 from .masking import make_permanent
 from .params import select_parameters
 from .progress import get_logger, progress
-from .pruner import check_prune_inputs, prune, stage_schedule
+from .pruner import check_prune_inputs, prune
 from .recommend import PAPER, Profile, as_dict, describe, profile_of, recommend
 from .reconstruction import check_reconstruction_inputs, prune_reconstruction
 from .records import environment, to_jsonable, write_folder_atomic

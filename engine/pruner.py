@@ -24,10 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from formulations.allocation import sparsity_schedule
-
 from .blocks import make_blocks
-from .config import BlockRecord, PruneConfig, PruneReport, StageRecord
+from .config import BlockRecord, PruneConfig, PruneReport, StageRecord, stage_schedule
 from .errors import InvalidOptionError, describe_value, invalid_option
 from .losses import LossFn, cross_entropy, write_weights
 from .masking import apply_pruning
@@ -141,17 +139,6 @@ def _check_memory(config: PruneConfig, n_weights: int) -> None:
                              f"{' x 2 (block copies)' if copies == 2 else ''} = {needed / 2**30:.1f} GiB, this "
                              f"machine has {physical / 2**30:.1f} GiB; use fewer samples or prune fewer parameters "
                              "(--params)", config.fisher_samples)
-
-
-def stage_schedule(config: PruneConfig) -> list[float]:
-    """The target sparsity of every stage of a run: ``config.stages`` stages of ``config.schedule`` from 0 to
-    ``config.sparsity`` (:func:`formulations.allocation.sparsity_schedule`); with ``config.warm_start`` = s₀ the
-    stages whose target is at most s₀ are replaced by one layer-wise stage to s₀ (the run has one stage more or
-    fewer than ``stages``; 8 poly stages to 0.8 from a warm start at 0.7: 0.7, 0.758, 0.788, 0.798, 0.8)."""
-    schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
-    if config.warm_start is None:
-        return schedule
-    return [config.warm_start, *(s for s in schedule if s > config.warm_start + 1e-9)]  # 0.8 − 0.1 ≠ 0.7
 
 
 def prune(

@@ -184,8 +184,9 @@ def recommend(profile: Profile, sparsity: float, method: Any = None, objective: 
         settings = {**PLAIN, "method": method}
         if method == "cbs":  # the paper's method: the paper's setting (the parameter preset is the caller's)
             settings.update({k: v for k, v in PAPER[kind].items() if k != "params"}, **PAPER_CBS[kind])
-    if method is None and warm_start_for(kind, sparsity) is not None:
-        settings["warm_start"] = warm_start_for(kind, sparsity)
+    warm = warm_start_for(kind, sparsity) if method is None else None
+    if warm is not None:
+        settings["warm_start"] = warm
     settings = fit(settings, profile.n_train)
     settings["bn_reestimate"] = profile.has_batchnorm and method is None
     settings["bn_augment"] = "crop-flip" if profile.image_inputs else "none"

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import StageRecord
+from .config import StageRecord, stage_schedule
 from .errors import CheckpointError, InvalidOptionError, describe_value, first_line, invalid_option
 from .outdir import check_out
 from .progress import get_logger
@@ -235,8 +235,6 @@ class Book:
             s["tensors"]["masks"], [LayerRecord(**r) for r in s["info"]["records"]], s["tensors"]["weights"])
 
     def on_stage(self, progress: StageProgress) -> None:  # prune()'s on_progress
-        from .pruner import stage_schedule  # a warm start changes the count (engine.pruner.stage_schedule)
-
         self.save("stage", progress.done, len(stage_schedule(self.run.config)),
                   {"state": progress.state, "alive": progress.alive},
                   {"stages": [asdict(r) for r in progress.stages], "totals": progress.totals})

@@ -28,7 +28,7 @@ from formulations.objective import UpdateMemo
 from formulations.problem import BlockProblem
 
 from .blocks import Block, make_blocks
-from .config import BlockRecord, PruneConfig, StageRecord
+from .config import BlockRecord, PruneConfig, StageRecord, stage_schedule
 from .executor import make_executor
 from .fisher import per_sample_gradients
 from .losses import BlockLoss, LossFn, PrefixLoss, step_search
@@ -100,7 +100,8 @@ def run_stage(run: Run, stage: int, target: float, alive: dict[str, torch.Tensor
     params = dict(model.named_parameters())
     values = {n: params[n].detach() for n in run.moved}
     seed = stage_seed(config.seed, stage)
-    tag = f" stage {stage + 1}/{config.stages}" if config.stages > 1 else ""
+    n_stages = len(stage_schedule(config))  # a warm start changes the count
+    tag = f" stage {stage + 1}/{n_stages}" if n_stages > 1 else ""
 
     # ---- gradients → block problems over the alive weights (k = 0 for now)
     t0 = time.perf_counter()
