@@ -226,6 +226,8 @@ def stage_schedule(config: PruneConfig) -> list[float]:
     ``config.sparsity`` (:func:`formulations.allocation.sparsity_schedule`); with ``config.warm_start`` = s₀ the
     stages whose target is at most s₀ are replaced by one layer-wise stage to s₀ (the run has one stage more or
     fewer than ``stages``; 8 poly stages to 0.8 from a warm start at 0.7: 0.7, 0.758, 0.788, 0.798, 0.8)."""
+    if not isinstance(config, PruneConfig):
+        raise invalid_option("config", "stage_schedule()", "a PruneConfig", type(config).__name__)
     schedule = sparsity_schedule(config.sparsity, config.stages, config.schedule)
     if config.warm_start is None:
         return schedule

@@ -203,7 +203,7 @@ def prune(
             if t < first:
                 continue
             if t == 0 and config.warm_start is not None:
-                outcome = warm_stage(run, target)
+                outcome = warm_stage(run)  # to schedule[0], the warm start
             else:
                 outcome = run_stage(run, t, target, alive)
             stages.append(outcome.record)

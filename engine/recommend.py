@@ -139,6 +139,10 @@ WARM_START: dict[str, list[tuple[float, float]]] = {"batchnorm": [(0.7, 0.6), (1
 def warm_start_for(kind: str, sparsity: float) -> float | None:
     """The recommendation's ``warm_start`` for a Fisher run of profile ``kind`` at ``sparsity`` (None: from the
     dense model): :data:`WARM_START`."""
+    if not isinstance(kind, str):
+        raise invalid_option("kind", "warm_start_for()", "a profile kind (small, large, batchnorm)", repr(kind))
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise invalid_option("sparsity", "warm_start_for()", "in [0, 1)", sparsity)
     warm = next((w for bound, w in WARM_START.get(kind, []) if sparsity <= bound), None)
     return warm if warm is not None and warm < sparsity else None
 

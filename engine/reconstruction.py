@@ -84,18 +84,23 @@ def warm_config(config: PruneConfig) -> PruneConfig:
     """The settings of a Fisher run's layer-wise first stage (``config.warm_start`` = s₀): reconstruction to s₀
     with :data:`RECONSTRUCTION_METHOD` and the refit, the :data:`WARM_ALLOCATION` budget across layers, the run's
     calibration samples, sequential setting, seed, solver limits and executor."""
+    if not isinstance(config, PruneConfig) or config.warm_start is None:
+        raise invalid_option("config", "warm_config()", "a PruneConfig with a warm_start",
+                             repr(getattr(config, "warm_start", type(config).__name__)))
     return replace(config, objective="reconstruction", sparsity=config.warm_start, warm_start=None, stages=1,
                    method=RECONSTRUCTION_METHOD, update=True, allocation=WARM_ALLOCATION, solver_params={},
                    pattern=None, compensate=(), certify=None)
 
 
-def warm_stage(run, target: float):
+def warm_stage(run):
     """Stage 1 of a warm-started Fisher run (:func:`engine.pruner.prune` with ``warm_start``): layer-wise
-    reconstruction of ``run.names`` to ``target`` (:func:`warm_config`), as a :class:`~engine.stage.StageOutcome`
+    reconstruction of ``run.names`` to ``run.config.warm_start`` (:func:`warm_config`), as a :class:`~engine.stage.StageOutcome`
     whose record has no Fisher objective (``objective_total`` None; the summed reconstruction objective and
     error are in ``extra``). The layers are pruned in the model itself; the outcome's values are its weights."""
-    from .stage import StageOutcome
+    from .stage import Run, StageOutcome
 
+    if not isinstance(run, Run):
+        raise invalid_option("run", "warm_stage()", "an engine.stage.Run", type(run).__name__)
     config = warm_config(run.config)
     report = prune_reconstruction(run.model, list(run.names), run.train, config)
     params = dict(run.model.named_parameters())
@@ -106,7 +111,7 @@ def warm_stage(run, target: float):
                "calibration_samples": config.calibration_samples,
                "reconstruction_objective": float(sum(b.objective for b in report.blocks)),
                "reconstruction_error": float(sum(b.extra["reconstruction_error"] for b in report.blocks))}
-    record = StageRecord(stage=1, sparsity=float(target), n_keep=report.n_keep, objective_total=None,
+    record = StageRecord(stage=1, sparsity=float(config.sparsity), n_keep=report.n_keep, objective_total=None,
                          fisher_seconds=0.0, select_seconds=seconds, update_seconds=0.0,
                          extra={"warm_start": summary})
     return StageOutcome(record, report.blocks, [], values, alive, 0.0, seconds, 0.0, seconds)

@@ -17,7 +17,7 @@ from engine.models import small_mlp
 from engine.pipeline import settle
 from engine.pruner import check_prune_inputs, prune, stage_schedule
 from engine.recommend import Profile, recommend, warm_start_for, zoo_profile
-from engine.reconstruction import prune_reconstruction, warm_config
+from engine.reconstruction import prune_reconstruction, warm_config, warm_stage
 from engine.sources import as_samples
 
 
@@ -130,3 +130,18 @@ def test_warm_start_none_on_the_command_line_overrides_the_recommendation():
     merged, _, _ = settle(zoo_profile("resnet20"), 0.8, given_flags(parser.parse_args(base + ["--warm-start", "none"]),
                                                                     PRUNE_OPTIONS))
     assert merged["warm_start"] is None
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: stage_schedule({"sparsity": 0.8}), "config"),
+    (lambda: warm_config(PruneConfig(sparsity=0.8)), "config"),
+    (lambda: warm_config("fisher"), "config"),
+    (lambda: warm_start_for(None, 0.8), "kind"),
+    (lambda: warm_start_for("batchnorm", 1.0), "sparsity"),
+    (lambda: warm_start_for("batchnorm", True), "sparsity"),
+    (lambda: warm_stage(object()), "run"),
+])
+def test_the_warm_start_helpers_refuse_bad_input_naming_it(call, argument):
+    with pytest.raises(InvalidOptionError, match=f"'{argument}'"):
+        call()
+
